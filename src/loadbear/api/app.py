@@ -1,0 +1,274 @@
+"""The FastAPI application: a thin HTTP shell over :class:`loadbear.Gateway`."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, Callable
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from loadbear.api.responses import JSON, SSEResponse, error_response
+from loadbear.gateway.chat import ChatStream
+from loadbear.gateway.core import Gateway
+from loadbear.gateway.errors import ApiError, invalid
+from loadbear.gateway.validation import body_too_large, check_feature, parse_chat_body, parse_json
+from loadbear.ledger.reports import ReportError, admin_usage, parse_period, tenant_usage
+from loadbear.tenancy.models import AuthContext, TenancyError
+from loadbear.tenancy.service import AuthError
+
+log = logging.getLogger("loadbear.api")
+
+
+class BodyLimit:
+    """Pure ASGI middleware: refuses bodies over the limit (413) and tags every request with an id."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = None
+        length = None
+        for k, v in scope["headers"]:
+            if k == b"content-length":
+                length = v
+            elif k == b"x-request-id":
+                request_id = v.decode("latin-1")[:128]
+        scope.setdefault("state", {})["request_id"] = request_id or uuid.uuid4().hex
+        if length is not None:
+            try:
+                too_big = int(length) > self.limit
+            except ValueError:
+                too_big = True
+            if too_big:
+                return await error_response(body_too_large(self.limit))(scope, receive, send)
+        seen = 0
+        limit = self.limit
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise body_too_large(limit)
+            return message
+
+        rid = scope["state"]["request_id"].encode()
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", rid)]
+            await send(message)
+
+        return await self.app(scope, limited_receive, send_with_id)
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def create_app(gateway: Gateway, own_gateway: bool = False) -> FastAPI:
+    """Build the app. With ``own_gateway`` the app closes the gateway on shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        if own_gateway:
+            await gateway.aclose()
+        else:
+            await gateway.providers.aclose()
+            if gateway._ledger is not None:
+                await asyncio.to_thread(gateway._ledger.flush)
+
+    app = FastAPI(title="loadbear", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.gateway = gateway
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(exc)
+
+    @app.exception_handler(TenancyError)
+    async def _tenancy_error(request: Request, exc: TenancyError):
+        kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
+        return error_response(ApiError(exc.status, exc.message, type=kind, code=exc.code, param=exc.param))
+
+    @app.exception_handler(ReportError)
+    async def _report_error(request: Request, exc: ReportError):
+        return error_response(invalid(exc.message, exc.param))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path"))
+        return error_response(invalid(f"{loc or 'request'}: {first.get('msg', 'invalid')}", loc or None, "invalid_type"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        msg = f"Unknown route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
+        return error_response(ApiError(exc.status_code, msg, type=kind, code=str(exc.status_code)))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(ApiError(500, "Internal server error.", type="server_error", code="internal_error"))
+
+    # -- auth ---------------------------------------------------------------------------
+
+    async def authenticate(request: Request) -> AuthContext:
+        key = _bearer(request)
+        ctx = gateway.tenants.cached_auth(key)
+        if ctx is None:
+            try:
+                ctx = await asyncio.to_thread(gateway.authenticate, key)
+            except AuthError as exc:
+                raise ApiError(401, exc.message, type="authentication_error", code=exc.code) from None
+        return ctx
+
+    def scope(name: str) -> Callable[..., Any]:
+        async def dep(request: Request) -> AuthContext:
+            ctx = await authenticate(request)
+            if not ctx.has(name):
+                raise ApiError(403, f"This API key lacks the '{name}' scope.", type="permission_error",
+                               code="insufficient_scope")
+            return ctx
+        return dep
+
+    def admin(request: Request) -> None:
+        expected = gateway.settings.admin_key
+        if not expected:
+            raise ApiError(403, "The admin API is disabled: set LOADBEAR_ADMIN_KEY.", type="permission_error",
+                           code="admin_disabled")
+        got = _bearer(request)
+        if got is None:
+            raise ApiError(401, "Missing admin key. Send it as 'Authorization: Bearer <admin key>'.",
+                           type="authentication_error", code="missing_api_key")
+        if not hmac.compare_digest(got.encode(), expected.encode()):
+            raise ApiError(401, "Incorrect admin key.", type="authentication_error", code="invalid_api_key")
+
+    async def json_body(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        data = parse_json(raw)
+        if not isinstance(data, dict):
+            raise invalid("The request body must be a JSON object.", code="invalid_type")
+        return data
+
+    # -- service ------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz():
+        return JSON({"status": "ok"})
+
+    @app.get("/readyz")
+    def readyz():
+        db_ok = gateway.db.ping()
+        current = db_ok and gateway.is_current()
+        body = {"status": "ready" if current else "not_ready", "database": db_ok, "migrations_current": current}
+        return JSON(body, status_code=200 if current else 503)
+
+    # -- OpenAI-compatible API ----------------------------------------------------------
+
+    chat_scope = scope("chat")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        auth = await chat_scope(request)
+        body = parse_chat_body(await request.body())
+        header_feature = request.headers.get("x-loadbear-feature")
+        if header_feature is not None:
+            header_feature = check_feature(header_feature, "X-Loadbear-Feature")
+        result = await gateway.chat(auth, body, header_feature, request.scope["state"]["request_id"])
+        if isinstance(result, ChatStream):
+            return SSEResponse(result)
+        return JSON(result.body, headers=result.headers)
+
+    @app.get("/v1/models")
+    async def list_models(auth: AuthContext = Depends(scope("chat"))):
+        return JSON({"object": "list", "data": gateway.models_for(auth)})
+
+    @app.get("/v1/usage")
+    def usage(request: Request, auth: AuthContext = Depends(scope("usage:read"))):
+        q = request.query_params
+        start, end = parse_period(q.get("from"), q.get("to"))
+        return JSON(tenant_usage(gateway.db, auth.tenant_id, start, end, q.get("group_by", "day")))
+
+    # -- admin --------------------------------------------------------------------------
+
+    @app.post("/admin/tenants", dependencies=[Depends(admin)], status_code=201)
+    async def create_tenant(data: dict = Depends(json_body)):
+        slug = data.get("slug")
+        name = data.get("name")
+        settings = data.get("settings")
+        if name is not None and not isinstance(name, str):
+            raise invalid("'name' must be a string", "name", "invalid_type")
+        if settings is not None and not isinstance(settings, dict):
+            raise invalid("'settings' must be an object", "settings", "invalid_type")
+        tenant = await asyncio.to_thread(gateway.tenants.create_tenant, slug, name, settings)
+        return JSON(tenant.public(), status_code=201)
+
+    @app.get("/admin/tenants", dependencies=[Depends(admin)])
+    def list_tenants():
+        return JSON({"object": "list", "data": [t.public() for t in gateway.tenants.list_tenants()]})
+
+    @app.get("/admin/tenants/{slug}", dependencies=[Depends(admin)])
+    def get_tenant(slug: str):
+        return JSON(gateway.tenants.get_tenant(slug).public())
+
+    @app.patch("/admin/tenants/{slug}", dependencies=[Depends(admin)])
+    async def update_tenant(slug: str, data: dict = Depends(json_body)):
+        settings = data.get("settings")
+        if not isinstance(settings, dict):
+            raise invalid("'settings' must be an object of settings to change", "settings", "invalid_type")
+        tenant = await asyncio.to_thread(gateway.tenants.update_settings, slug, settings)
+        return JSON(tenant.public())
+
+    @app.post("/admin/tenants/{slug}/keys", dependencies=[Depends(admin)], status_code=201)
+    async def create_key(slug: str, request: Request):
+        raw = await request.body()
+        data = parse_json(raw) if raw else {}
+        if not isinstance(data, dict):
+            raise invalid("The request body must be a JSON object.", code="invalid_type")
+        name = data.get("name", "")
+        scopes = data.get("scopes")
+        if not isinstance(name, str):
+            raise invalid("'name' must be a string", "name", "invalid_type")
+        if scopes is not None and (not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes)):
+            raise invalid("'scopes' must be an array of strings", "scopes", "invalid_type")
+        key, plaintext = await asyncio.to_thread(gateway.tenants.create_key, slug, name, scopes)
+        return JSON({**key.public(), "tenant": slug, "key": plaintext}, status_code=201)
+
+    @app.get("/admin/tenants/{slug}/keys", dependencies=[Depends(admin)])
+    def list_keys(slug: str):
+        return JSON({"object": "list", "data": [k.public() for k in gateway.tenants.list_keys(slug)]})
+
+    @app.delete("/admin/tenants/{slug}/keys/{key_ref}", dependencies=[Depends(admin)])
+    def revoke_key(slug: str, key_ref: str):
+        return JSON(gateway.tenants.revoke_key(slug, key_ref).public())
+
+    @app.get("/admin/usage", dependencies=[Depends(admin)])
+    def usage_admin(request: Request):
+        q = request.query_params
+        start, end = parse_period(q.get("from"), q.get("to"))
+        return JSON(admin_usage(gateway.db, start, end, q.get("group_by", "tenant"), q.get("tenant")))
+
+    @app.get("/admin/providers", dependencies=[Depends(admin)])
+    async def providers():
+        return JSON({"object": "list", "data": gateway.provider_health()})
+
+    app.add_middleware(BodyLimit, limit=gateway.settings.max_body_bytes)
+    return app

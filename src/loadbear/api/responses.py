@@ -1,0 +1,79 @@
+"""Fast JSON responses, and the streaming response that owns a chat stream's lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from loadbear.gateway.chat import ChatStream
+from loadbear.gateway.errors import ApiError
+
+# Headers that stop proxies (nginx, Cloudflare...) and browsers from buffering or transforming
+# the event stream: every chunk must reach the client as soon as it is produced.
+SSE_HEADERS = {
+    "content-type": "text/event-stream; charset=utf-8",
+    "cache-control": "no-cache, no-transform",
+    "x-accel-buffering": "no",
+    "connection": "keep-alive",
+}
+
+
+class JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error_response(err: ApiError) -> JSON:
+    return JSON(err.body(), status_code=err.status, headers=err.headers)
+
+
+class SSEResponse(Response):
+    """Streams a started :class:`ChatStream` and guarantees its ledger row.
+
+    A watcher task listens for ``http.disconnect``; when the client goes away mid-stream it
+    cancels the streaming task, which closes the upstream call and records ``cancelled``.
+    """
+
+    def __init__(self, stream: ChatStream) -> None:
+        # A Response subclass so FastAPI passes it through; we never render a body up front.
+        self.stream = stream
+        self.disconnected = False
+        self.status_code = 200
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    self.disconnected = True
+                    if task is not None:
+                        task.cancel()
+                    return
+
+        watcher = asyncio.create_task(watch())
+        headers = [(k.encode(), v.encode()) for k, v in {**SSE_HEADERS, **self.stream.headers}.items()]
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            async for chunk in self.stream.body():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not self.disconnected:
+                raise
+            if task is not None:
+                task.uncancel()
+        except OSError:
+            self.disconnected = True
+        finally:
+            watcher.cancel()
+            # Idempotent: records "cancelled" only if the body never got to record its outcome.
+            await self.stream.abort()

@@ -1,0 +1,260 @@
+"""The ``loadbear`` command line: a thin shell over :class:`loadbear.Gateway`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+
+from loadbear.config.settings import Settings
+
+app = typer.Typer(help="loadbear: the load-bearing AI layer for multi-tenant SaaS.", no_args_is_help=True)
+tenants_app = typer.Typer(help="Create and list tenants.", no_args_is_help=True)
+keys_app = typer.Typer(help="Create, list and revoke a tenant's API keys.", no_args_is_help=True)
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
+
+
+def _gateway():
+    from loadbear.gateway.core import Gateway
+
+    return Gateway.from_settings(Settings.load())
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _emit(obj, as_json: bool, human: str) -> None:
+    typer.echo(json.dumps(obj, indent=None if as_json else 2) if as_json else human)
+
+
+@app.command()
+def migrate() -> None:
+    """Apply pending schema migrations to the configured database."""
+    gw = _gateway()
+    try:
+        ran = gw.migrate()
+    finally:
+        gw.close()
+    typer.echo(f"applied migrations: {ran}" if ran else "database is up to date")
+
+
+@app.command()
+def serve(
+    host: Optional[str] = typer.Option(None, help="Bind address (LOADBEAR_HOST)."),
+    port: Optional[int] = typer.Option(None, help="Port (LOADBEAR_PORT)."),
+    workers: int = typer.Option(1, help="Worker processes."),
+) -> None:
+    """Serve the HTTP API."""
+    import uvicorn
+
+    settings = Settings.load()
+    uvicorn.run(
+        "loadbear.api.factory:build_app",
+        factory=True,
+        host=host or settings.host,
+        port=port or settings.port,
+        workers=workers,
+        loop="uvloop" if sys.platform != "win32" else "asyncio",
+        http="httptools",
+        access_log=False,
+        log_level=settings.log_level,
+    )
+
+
+@app.command()
+def demo(slug: str = typer.Option("demo", help="Slug of the demo tenant.")) -> None:
+    """Create the demo tenant (if missing) and print a fresh API key with a curl example."""
+    from loadbear.tenancy.models import TenancyError
+
+    settings = Settings.load()
+    gw = _gateway()
+    try:
+        gw.migrate()
+        try:
+            gw.tenants.get_tenant(slug)
+        except TenancyError:
+            gw.tenants.create_tenant(slug, "Demo tenant", {"support_contact": "support@example.com"})
+        _, key = gw.tenants.create_key(slug, name="demo")
+    finally:
+        gw.close()
+    base = f"http://{settings.host}:{settings.port}"
+    typer.echo(f"Demo tenant '{slug}' ready. Its API key (shown once):\n\n  {key}\n")
+    typer.echo("Try it:\n")
+    typer.echo(
+        f"  curl -s {base}/v1/chat/completions \\\n"
+        f"    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n"
+        "    -d '{\"model\": \"auto\", \"messages\": [{\"role\": \"user\", \"content\": \"What can you do?\"}]}'\n"
+    )
+    typer.echo(f"  # or with the openai SDK: OpenAI(base_url='{base}/v1', api_key='{key}')\n")
+
+
+@app.command()
+def run() -> None:
+    """Migrate, create the demo tenant and key, and serve (what `make run` does)."""
+    demo("demo")
+    serve(None, None, 1)
+
+
+@app.command()
+def simulate(
+    port: int = typer.Option(8100, help="Port to listen on (127.0.0.1)."),
+    host: str = typer.Option("127.0.0.1"),
+    latency_ms: str = typer.Option("0:0", help="Latency range MIN:MAX in ms before the first byte."),
+    tokens_per_second: Optional[float] = typer.Option(None, help="Pace of streamed chunks."),
+    fault_rate: float = typer.Option(0.0, help="Share of requests that get a fault."),
+    faults: Optional[str] = typer.Option(None, help="Fault kinds to draw from, comma-separated."),
+    seed: int = typer.Option(0, help="Seed for latencies and faults."),
+    reply_words: int = typer.Option(20, help="Words in each reply (one streamed chunk per word)."),
+) -> None:
+    """Run the upstream simulator: a fake OpenAI/Anthropic server with fault injection."""
+    from loadbear.testing.simulator import main as sim_main
+
+    argv = ["--port", str(port), "--host", host, "--latency-ms", latency_ms, "--fault-rate", str(fault_rate),
+            "--seed", str(seed), "--reply-words", str(reply_words)]
+    if tokens_per_second is not None:
+        argv += ["--tokens-per-second", str(tokens_per_second)]
+    if faults:
+        argv += ["--faults", faults]
+    sim_main(argv)
+
+
+@tenants_app.command("create")
+def tenants_create(
+    slug: str,
+    name: Optional[str] = typer.Option(None, help="Display name (defaults to the slug)."),
+    settings_json: Optional[str] = typer.Option(None, "--settings", help="Tenant settings as a JSON object."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    from loadbear.tenancy.models import TenancyError
+
+    settings = None
+    if settings_json:
+        try:
+            settings = json.loads(settings_json)
+        except json.JSONDecodeError as exc:
+            _fail(f"--settings is not valid JSON: {exc}", 2)
+    gw = _gateway()
+    try:
+        gw.migrate()
+        tenant = gw.tenants.create_tenant(slug, name, settings)
+    except TenancyError as exc:
+        _fail(exc.message, 2)
+    finally:
+        gw.close()
+    _emit(tenant.public(), as_json, f"created tenant {tenant.slug} ({tenant.id})")
+
+
+@tenants_app.command("list")
+def tenants_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    gw = _gateway()
+    try:
+        tenants = gw.tenants.list_tenants()
+    finally:
+        gw.close()
+    if as_json:
+        typer.echo(json.dumps([t.public() for t in tenants]))
+        return
+    for t in tenants:
+        typer.echo(f"{t.slug:24} {t.id}  {t.name}")
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: str = typer.Option(..., "--tenant", help="Tenant slug."),
+    name: str = typer.Option("", help="A label for the key."),
+    scope: Optional[list[str]] = typer.Option(None, "--scope", help="Scope (repeatable); default: all."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    from loadbear.tenancy.models import TenancyError
+
+    gw = _gateway()
+    try:
+        key, plaintext = gw.tenants.create_key(tenant, name, scope or None)
+    except TenancyError as exc:
+        _fail(exc.message, 2)
+    finally:
+        gw.close()
+    _emit({**key.public(), "tenant": tenant, "key": plaintext}, as_json,
+          f"created key {key.prefix} for {tenant} (shown once):\n{plaintext}")
+
+
+@keys_app.command("list")
+def keys_list(tenant: str = typer.Option(..., "--tenant"), as_json: bool = typer.Option(False, "--json")) -> None:
+    from loadbear.tenancy.models import TenancyError
+
+    gw = _gateway()
+    try:
+        keys = gw.tenants.list_keys(tenant)
+    except TenancyError as exc:
+        _fail(exc.message, 2)
+    finally:
+        gw.close()
+    if as_json:
+        typer.echo(json.dumps([k.public() for k in keys]))
+        return
+    for k in keys:
+        state = f"revoked {k.revoked_at}" if k.revoked_at else "active"
+        typer.echo(f"{k.prefix:14} {k.id}  {','.join(k.scopes)}  {state}  last used {k.last_used_at or 'never'}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: str = typer.Argument(..., help="Key id or visible prefix."),
+    tenant: str = typer.Option(..., "--tenant"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    from loadbear.tenancy.models import TenancyError
+
+    gw = _gateway()
+    try:
+        revoked = gw.tenants.revoke_key(tenant, key)
+    except TenancyError as exc:
+        _fail(exc.message, 2)
+    finally:
+        gw.close()
+    _emit(revoked.public(), as_json, f"revoked {revoked.prefix}")
+
+
+@app.command()
+def usage(
+    tenant: str = typer.Option(..., "--tenant"),
+    by: str = typer.Option("day", "--by", help="day, feature, model or user."),
+    from_: Optional[str] = typer.Option(None, "--from", help="First day (YYYY-MM-DD); default 30 days ago."),
+    to: Optional[str] = typer.Option(None, "--to", help="Last day (YYYY-MM-DD); default today."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Spend and tokens for one tenant, from the daily rollups."""
+    from loadbear.ledger.reports import ReportError, parse_period, tenant_usage
+    from loadbear.tenancy.models import TenancyError
+
+    gw = _gateway()
+    try:
+        t = gw.tenants.get_tenant(tenant)
+        start, end = parse_period(from_, to)
+        report = tenant_usage(gw.db, t.id, start, end, by)
+    except (TenancyError, ReportError) as exc:
+        _fail(exc.message, 2)
+    finally:
+        gw.close()
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"usage for {tenant}, {report['from']} → {report['to']}, by {by}")
+    for col in (by, "requests", "errors", "tokens", "cost $", "saved $", "avg ms"):
+        table.add_column(col, justify="left" if col == by else "right")
+    for row in report["data"] + [{**report["totals"], by: "total"}]:
+        table.add_row(str(row[by] or "—"), str(row["requests"]), str(row["errors"]), str(row["total_tokens"]),
+                      f"{row['cost_usd']:.6f}", f"{row['saved_usd']:.6f}", str(row["avg_latency_ms"] or "—"))
+    Console().print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

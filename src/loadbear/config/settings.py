@@ -1,0 +1,88 @@
+"""Settings: defaults, then an optional ``loadbear.toml``, then ``LOADBEAR_*`` environment variables.
+
+The file is found through ``LOADBEAR_CONFIG`` or as ``./loadbear.toml``. Environment wins so that
+one image can run everywhere with the file as a base.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+DEFAULT_SQLITE_URL = "sqlite:///loadbear.db"
+
+
+@dataclass
+class Settings:
+    database_url: str = DEFAULT_SQLITE_URL
+    admin_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    redis_url: str | None = None
+    # Requests larger than this are refused with 413 before they are parsed.
+    max_body_bytes: int = 1_048_576
+    # The model a request gets when it asks for "auto" and the tenant has no default.
+    default_model: str | None = None
+    # Ledger writer: rows go to the database in batches, off the request path.
+    ledger_batch_size: int = 1000
+    ledger_flush_interval_ms: int = 50
+    ledger_queue_max: int = 50_000
+    # How long an authenticated key stays cached in a replica (revocations made through this
+    # replica apply at once; through another replica, within this many seconds).
+    auth_cache_seconds: float = 30.0
+    # PostgreSQL role that tenant work runs as (no BYPASSRLS), created by the migrations.
+    pg_app_role: str = "loadbear_app"
+    db_pool_size: int = 10
+    log_level: str = "info"
+    # Raw model catalog entries from the TOML file ([models.NAME] tables).
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Default tenant settings applied to new tenants (a [tenant_defaults] table).
+    tenant_defaults: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @classmethod
+    def load(
+        cls,
+        env: Mapping[str, str] | None = None,
+        config_path: str | os.PathLike[str] | None = None,
+        **overrides: Any,
+    ) -> "Settings":
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        path = config_path or env.get("LOADBEAR_CONFIG")
+        if path is None and Path("loadbear.toml").exists():
+            path = "loadbear.toml"
+        if path:
+            with open(path, "rb") as fh:
+                values.update(tomllib.load(fh))
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(values) - set(known)
+        if unknown:
+            raise ValueError(f"unknown settings in {path}: {', '.join(sorted(unknown))}")
+        for name, f in known.items():
+            raw = env.get(f"LOADBEAR_{name.upper()}")
+            if raw is None or name in ("models", "tenant_defaults"):
+                continue
+            values[name] = _coerce(raw, f.type, name)
+        values.update(overrides)
+        return cls(**values)
+
+
+def _coerce(raw: str, type_: Any, name: str) -> Any:
+    t = str(type_)
+    try:
+        if t.startswith("int"):
+            return int(raw)
+        if t.startswith("float"):
+            return float(raw)
+        if t.startswith("bool"):
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+    except ValueError as exc:
+        raise ValueError(f"LOADBEAR_{name.upper()}={raw!r} is not a valid {t}") from exc
+    return raw or None if "None" in t else raw

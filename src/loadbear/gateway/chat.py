@@ -1,0 +1,339 @@
+"""The chat request path: resolve the model chain, call it, answer, and write the ledger row.
+
+One :class:`ChatCall` per request. It always ends in exactly one ledger row, whatever happens:
+a normal answer, a client fault, a degraded answer, a mid-stream failure or a disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+import orjson
+
+from loadbear.gateway.errors import ApiError
+from loadbear.gateway.executor import CallState, ChainExhausted, ClientFault, MidStreamFailure
+from loadbear.gateway.validation import ChatBody
+from loadbear.ledger.records import InteractionRecord
+from loadbear.providers.base import ChatRequest, ModelConfig, ProviderError, StreamDelta, Usage
+from loadbear.storage.values import uuid7
+from loadbear.tenancy.models import AuthContext
+
+if TYPE_CHECKING:
+    from loadbear.gateway.core import Gateway
+
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class ChatResult:
+    """A finished non-streamed answer (or a degraded one)."""
+
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
+@dataclass
+class ChatCall:
+    gateway: "Gateway"
+    auth: AuthContext
+    body: ChatBody
+    feature: str
+    request_id: str | None = None
+    id: str = field(default_factory=uuid7)
+    started: float = field(default_factory=time.monotonic)
+    created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    state: CallState = field(default_factory=CallState)
+    chain: list[ModelConfig] = field(default_factory=list)
+    route_reason: str | None = None
+    ttft: float | None = None
+    status: str | None = None
+    degraded_reason: str | None = None
+    error: ProviderError | None = None
+    _recorded: bool = False
+
+    # -- set-up -------------------------------------------------------------------------
+
+    def resolve(self) -> None:
+        """Pick the model chain; raises ApiError for unknown or forbidden models."""
+        gw, settings = self.gateway, self.auth.tenant.settings
+        name = self.body.model
+        if name == "auto":
+            name = settings.default_model or gw.catalog.default_model
+            self.route_reason = f"auto: tenant default chain starting at {name}"
+        model = gw.catalog.get(name)
+        if model is None:
+            raise ApiError(404, f"The model '{name}' does not exist or you do not have access to it.",
+                           code="model_not_found", param="model")
+        if not settings.allows(name):
+            raise ApiError(403, f"The model '{name}' is not enabled for this tenant.",
+                           type="permission_error", code="model_not_allowed", param="model")
+        chain = gw.catalog.chain(name, settings.fallback_overrides or None)
+        self.chain = [m for m in chain if settings.allows(m.name)]
+
+    def chat_request(self) -> ChatRequest:
+        b = self.body
+        return ChatRequest(messages=b.messages, temperature=b.temperature, top_p=b.top_p,
+                           max_tokens=b.max_tokens, stop=b.stop, user=b.user)
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.gateway.settings_request_deadline
+
+    @property
+    def served_name(self) -> str:
+        return self.state.served.name if self.state.served else (self.chain[0].name if self.chain else self.body.model)
+
+    # -- non-streaming ------------------------------------------------------------------
+
+    async def complete(self) -> ChatResult:
+        req = self.chat_request()
+        try:
+            result = await self.gateway.executor.complete(self.chain, req, self.state, self.deadline)
+        except ClientFault as cf:
+            self.error = cf.error
+            self.finish("error")
+            raise _client_fault_error(cf.error) from None
+        except ChainExhausted as ex:
+            text = self.degraded_text(ex)
+            self.state.text_parts = [text]
+            self.state.finish_reason = "stop"
+            self.finish("degraded")
+            return ChatResult(self.completion_body(text, "stop", Usage()), self.headers(degraded=True))
+        except asyncio.CancelledError:
+            self.finish("cancelled")
+            raise
+        self.ttft = time.monotonic()
+        self.finish("ok")
+        return ChatResult(self.completion_body(result.text, result.finish_reason, self.total_usage()), self.headers())
+
+    def completion_body(self, text: str, finish: str, usage: Usage) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": int(self.created_at.timestamp()),
+            "model": self.served_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish, "logprobs": None}],
+            "usage": _usage_body(usage),
+            "loadbear": self.meta(),
+        }
+
+    # -- streaming ----------------------------------------------------------------------
+
+    async def open_stream(self) -> "ChatStream":
+        """Start the chain and wait for its first event, so the status line can still say 4xx."""
+        stream = ChatStream(self)
+        await stream.start()
+        return stream
+
+    # -- shared -------------------------------------------------------------------------
+
+    def degraded_text(self, ex: ChainExhausted) -> str:
+        self.error = ex.last
+        self.degraded_reason = ex.last.kind.value if ex.last else "all_models_unavailable"
+        # Seam for the cost-control issue: a similar cached answer is the first degraded step.
+        cached = self.gateway.degraded_from_cache(self)
+        if cached is not None:
+            return cached
+        return self.auth.tenant.settings.degraded_message()
+
+    def meta(self) -> dict[str, Any]:
+        st = self.state
+        return {
+            "interaction_id": self.id,
+            "requested_model": self.body.model,
+            "served_model": st.served.name if st.served else None,
+            "degraded": self.status == "degraded",
+            "cached": False,
+            "attempts": len(st.attempts),
+        }
+
+    def headers(self, degraded: bool = False) -> dict[str, str]:
+        h = {"x-loadbear-interaction-id": self.id}
+        if self.state.served:
+            h["x-loadbear-model"] = self.state.served.name
+        if degraded:
+            h["x-loadbear-degraded"] = "true"
+        return h
+
+    def total_usage(self) -> Usage:
+        """What the interaction consumed: every attempt's tokens, failed ones included."""
+        u = Usage()
+        for a in self.state.attempts:
+            u.prompt_tokens += a.prompt_tokens
+            u.completion_tokens += a.completion_tokens
+            u.cached_tokens += a.cached_input_tokens
+            u.estimated = u.estimated or a.tokens_estimated
+        return u
+
+    def finish(self, status: str) -> None:
+        """Write the ledger row. Idempotent: the first call wins."""
+        if self._recorded:
+            return
+        self._recorded = True
+        self.status = status
+        st = self.state
+        u = self.total_usage()
+        err = self.error
+        settings = self.auth.tenant.settings
+        text = "".join(st.text_parts)
+        rec = InteractionRecord(
+            id=self.id,
+            tenant_id=self.auth.tenant_id,
+            feature=self.feature,
+            requested_model=self.body.model,
+            model=self.served_name,
+            status=status,
+            created_at=self.created_at,
+            latency_ms=int((time.monotonic() - self.started) * 1000),
+            prompt_tokens=u.prompt_tokens,
+            completion_tokens=u.completion_tokens,
+            cached_input_tokens=u.cached_tokens,
+            tokens_estimated=u.estimated,
+            cost_micro_usd=sum(a.cost_micro_usd for a in st.attempts),
+            user_external_id=self.body.user,
+            request_id=self.request_id,
+            provider=st.served.provider if st.served else None,
+            route="auto" if self.body.model == "auto" else "explicit",
+            route_reason=self.route_reason,
+            streamed=self.body.stream,
+            ttft_ms=None if self.ttft is None else int((self.ttft - self.started) * 1000),
+            finish_reason=st.finish_reason if status in ("ok", "degraded") else None,
+            error=(err.message[:1000] if err else None) if status != "ok" else None,
+            error_type=(self.degraded_reason if status == "degraded" else (err.kind.value if err else None))
+            if status != "ok" else None,
+            http_status=err.status if err and status != "ok" else None,
+            prompt_text=_prompt_text(self.body.messages) if settings.store_content else None,
+            response_text=text if settings.store_content else None,
+            metadata={**self.body.metadata, **({"skipped": st.skipped} if st.skipped else {})},
+            attempts=st.attempts,
+        )
+        self.gateway.record(rec)
+
+
+class ChatStream:
+    """A streamed answer as SSE bytes. ``start()`` peeks the first event; ``body()`` yields the rest."""
+
+    def __init__(self, call: ChatCall) -> None:
+        self.call = call
+        self.created = int(call.created_at.timestamp())
+        self._upstream: AsyncIterator[StreamDelta] | None = None
+        self._first: StreamDelta | None = None
+        self._degraded: str | None = None
+        self.headers: dict[str, str] = {}
+
+    async def start(self) -> None:
+        c = self.call
+        self._upstream = c.gateway.executor.stream(c.chain, c.chat_request(), c.state, c.deadline)
+        try:
+            self._first = await self._upstream.__anext__()
+            c.ttft = time.monotonic()
+        except StopAsyncIteration:
+            self._first = None
+        except ClientFault as cf:
+            c.error = cf.error
+            c.finish("error")
+            raise _client_fault_error(cf.error) from None
+        except ChainExhausted as ex:
+            self._degraded = c.degraded_text(ex)
+        except asyncio.CancelledError:
+            c.finish("cancelled")
+            raise
+        self.headers = c.headers(degraded=self._degraded is not None)
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None, extra: dict[str, Any] | None = None) -> bytes:
+        chunk: dict[str, Any] = {
+            "id": self.call.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.call.served_name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        }
+        if extra:
+            chunk.update(extra)
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    async def body(self) -> AsyncIterator[bytes]:
+        c = self.call
+        status = "cancelled"
+        try:
+            yield self._chunk({"role": "assistant", "content": ""})
+            if self._degraded is not None:
+                c.state.text_parts = [self._degraded]
+                c.state.finish_reason = "stop"
+                yield self._chunk({"content": self._degraded})
+                yield self._chunk({}, "stop", {"loadbear": {**c.meta(), "degraded": True}})
+                if c.body.include_usage:
+                    yield self._usage_chunk(Usage())
+                status = "degraded"
+                yield DONE
+                return
+            delta = self._first
+            try:
+                while delta is not None:
+                    if delta.text:
+                        yield self._chunk({"content": delta.text})
+                    delta = await self._upstream.__anext__()
+            except StopAsyncIteration:
+                pass
+            except MidStreamFailure as mf:
+                c.error = mf.error
+                status = "error"
+                yield _error_event(mf.error)
+                return
+            yield self._chunk({}, c.state.finish_reason or "stop")
+            if c.body.include_usage:
+                yield self._usage_chunk(c.total_usage())
+            status = "ok"
+            yield DONE
+        finally:
+            if self._upstream is not None:
+                try:
+                    await self._upstream.aclose()
+                except Exception:
+                    pass
+            c.finish(status)
+
+    def _usage_chunk(self, usage: Usage) -> bytes:
+        chunk = {
+            "id": self.call.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.call.served_name, "choices": [], "usage": _usage_body(usage),
+        }
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    async def abort(self) -> None:
+        """The response never started (client gone): close upstream and record the row."""
+        if self._upstream is not None:
+            try:
+                await self._upstream.aclose()
+            except Exception:
+                pass
+        self.call.finish("cancelled")
+
+
+def _usage_body(u: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    }
+
+
+def _error_event(err: ProviderError) -> bytes:
+    body = {"error": {
+        "message": f"The upstream model failed mid-answer ({err.kind.value}): {err.message}",
+        "type": "upstream_error", "param": None, "code": err.kind.value,
+    }}
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def _client_fault_error(err: ProviderError) -> ApiError:
+    code = "context_length_exceeded" if err.kind.value == "context_length" else "invalid_request"
+    return ApiError(400, f"The model rejected the request: {err.message}", code=code)
+
+
+def _prompt_text(messages: list[dict[str, Any]]) -> str:
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)

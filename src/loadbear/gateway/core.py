@@ -1,0 +1,131 @@
+"""``Gateway``: the library entry point. The HTTP API and the CLI are thin shells over it.
+
+    gw = Gateway.from_settings(Settings.load())
+    gw.migrate()
+    tenant = gw.tenants.create_tenant("acme")
+    result = await gw.chat(auth, parse_chat_body(raw), feature="chat")
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from loadbear.config.catalog import Catalog
+from loadbear.config.settings import Settings
+from loadbear.gateway.breaker import BreakerRegistry
+from loadbear.gateway.chat import ChatCall, ChatResult, ChatStream
+from loadbear.gateway.executor import Executor, RetryPolicy
+from loadbear.gateway.validation import ChatBody
+from loadbear.ledger.records import InteractionRecord
+from loadbear.ledger.writer import LedgerWriter
+from loadbear.providers.registry import ProviderRegistry
+from loadbear.storage.db import Database, open_database
+from loadbear.storage.migrate import is_current, migrate
+from loadbear.tenancy.models import AuthContext
+from loadbear.tenancy.service import TenantService
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger("loadbear")
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database | None = None,
+        catalog: Catalog | None = None,
+        providers: ProviderRegistry | None = None,
+        breakers: BreakerRegistry | None = None,
+        retry_policy: RetryPolicy | None = None,
+        request_deadline: float = 60.0,
+    ) -> None:
+        self.settings = settings
+        self.db = db or open_database(settings.database_url, settings.pg_app_role, settings.db_pool_size)
+        self.catalog = catalog or Catalog.from_settings(settings.models, default_model=settings.default_model)
+        self.providers = providers or ProviderRegistry()
+        self.breakers = breakers or BreakerRegistry()
+        self.executor = Executor(self.providers, self.breakers, retry_policy)
+        self.tenants = TenantService(self.db, settings.tenant_defaults, settings.auth_cache_seconds)
+        self.settings_request_deadline = request_deadline
+        self._ledger: LedgerWriter | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, **kwargs: Any) -> "Gateway":
+        return cls(settings or Settings.load(), **kwargs)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def migrate(self) -> list[int]:
+        return migrate(self.db, app_role=self.settings.pg_app_role)
+
+    def is_current(self) -> bool:
+        return is_current(self.db)
+
+    @property
+    def ledger(self) -> LedgerWriter:
+        # Started lazily so that CLI commands that never write a row start no thread.
+        if self._ledger is None:
+            s = self.settings
+            self._ledger = LedgerWriter(
+                self.db, batch_size=s.ledger_batch_size, flush_interval=s.ledger_flush_interval_ms / 1000,
+                queue_max=s.ledger_queue_max,
+            )
+        return self._ledger
+
+    async def aclose(self) -> None:
+        await self.providers.aclose()
+        self.close()
+
+    def close(self) -> None:
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
+        self.db.close()
+
+    # -- the request path ---------------------------------------------------------------
+
+    def authenticate(self, key: str | None) -> AuthContext:
+        ctx = self.tenants.authenticate(key)
+        if self.tenants.due_touch(ctx.key_id):
+            self.ledger.touch_key(ctx.key_id, ctx.tenant_id)
+        return ctx
+
+    def new_call(self, auth: AuthContext, body: ChatBody, feature: str | None = None,
+                 request_id: str | None = None) -> ChatCall:
+        call = ChatCall(self, auth, body, body.feature or feature or "chat", request_id)
+        call.resolve()
+        return call
+
+    async def chat(self, auth: AuthContext, body: ChatBody, feature: str | None = None,
+                   request_id: str | None = None) -> ChatResult | ChatStream:
+        """Answer one chat request: a :class:`ChatResult`, or a started :class:`ChatStream`."""
+        call = self.new_call(auth, body, feature, request_id)
+        if body.stream:
+            return await call.open_stream()
+        return await call.complete()
+
+    def record(self, rec: InteractionRecord) -> None:
+        """Hand a finished interaction to the ledger writer (never blocks the event loop for long)."""
+        self.ledger.submit(rec)
+
+    def degraded_from_cache(self, call: ChatCall) -> str | None:
+        """First degraded step: a similar cached answer. Filled by the semantic cache."""
+        return None
+
+    def models_for(self, auth: AuthContext) -> list[dict[str, Any]]:
+        allowed = auth.tenant.settings
+        return [
+            {"id": m.name, "object": "model", "created": 0, "owned_by": m.provider,
+             "loadbear": {"tier": m.tier, "fallbacks": m.fallbacks}}
+            for m in self.catalog if allowed.allows(m.name)
+        ]
+
+    def provider_health(self) -> list[dict[str, Any]]:
+        return [
+            {"model": m.name, "provider": m.provider, "upstream_model": m.upstream_model, "tier": m.tier,
+             "fallbacks": m.fallbacks, **self.breakers.snapshot(m.name)}
+            for m in self.catalog
+        ]

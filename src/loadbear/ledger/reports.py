@@ -1,0 +1,110 @@
+"""Usage reports. They read the daily rollups, never a scan of raw ledger rows."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+from typing import Any
+
+from loadbear.storage.db import Database
+from loadbear.storage.values import day_str, db_day
+
+GROUPS = {
+    "day": "day",
+    "feature": "feature",
+    "model": "model",
+    "user": "user_external_id",
+}
+ADMIN_GROUPS = {**GROUPS, "tenant": "slug"}
+
+_SUMS = (
+    "requests", "errors", "degraded", "cancelled", "cached_requests", "streamed_requests",
+    "prompt_tokens", "completion_tokens", "cached_input_tokens", "cost_micro_usd",
+    "saved_micro_usd", "latency_ms_sum",
+)
+_SELECT_SUMS = ", ".join(f"SUM(u.{c}) AS {c}" for c in _SUMS)
+
+
+class ReportError(ValueError):
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def parse_period(from_: str | None, to: str | None, today: date | None = None) -> tuple[date, date]:
+    """Inclusive UTC days. Defaults: the last 30 days up to today."""
+    today = today or date.today()
+    try:
+        end = date.fromisoformat(to[:10]) if to else today
+    except ValueError:
+        raise ReportError(f"'to' must be a date like 2026-01-31, got {to!r}", "to") from None
+    try:
+        start = date.fromisoformat(from_[:10]) if from_ else end - timedelta(days=29)
+    except ValueError:
+        raise ReportError(f"'from' must be a date like 2026-01-01, got {from_!r}", "from") from None
+    if start > end:
+        raise ReportError("'from' must not be after 'to'", "from")
+    if (end - start).days > 366 * 2:
+        raise ReportError("a report spans at most two years", "from")
+    return start, end
+
+
+def tenant_usage(db: Database, tenant_id: str, start: date, end: date, group_by: str = "day") -> dict[str, Any]:
+    col = GROUPS.get(group_by)
+    if col is None:
+        raise ReportError(f"group_by must be one of {', '.join(GROUPS)}", "group_by")
+    sql = (
+        f"SELECT u.{col} AS grp, {_SELECT_SUMS} FROM usage_daily u"
+        " WHERE u.tenant_id = ? AND u.day >= ? AND u.day <= ?"
+        f" GROUP BY u.{col} ORDER BY u.{col}"
+    )
+    with db.tenant_tx(tenant_id, write=False) as c:
+        rows = c.fetchall(sql, (tenant_id, db_day(db.dialect, start), db_day(db.dialect, end)))
+    return _shape(rows, group_by, start, end)
+
+
+def admin_usage(db: Database, start: date, end: date, group_by: str = "tenant", tenant_slug: str | None = None) -> dict[str, Any]:
+    col = ADMIN_GROUPS.get(group_by)
+    if col is None:
+        raise ReportError(f"group_by must be one of {', '.join(ADMIN_GROUPS)}", "group_by")
+    expr = "t.slug" if group_by == "tenant" else f"u.{col}"
+    where = "u.day >= ? AND u.day <= ?"
+    params: list[Any] = [db_day(db.dialect, start), db_day(db.dialect, end)]
+    if tenant_slug:
+        where += " AND t.slug = ?"
+        params.append(tenant_slug)
+    sql = (
+        f"SELECT {expr} AS grp, {_SELECT_SUMS} FROM usage_daily u JOIN tenants t ON t.id = u.tenant_id"
+        f" WHERE {where} GROUP BY {expr} ORDER BY {expr}"
+    )
+    with db.system_tx(write=False) as c:
+        rows = c.fetchall(sql, params)
+    return _shape(rows, group_by, start, end)
+
+
+def _shape(rows: list[dict[str, Any]], group_by: str, start: date, end: date) -> dict[str, Any]:
+    out = []
+    totals = {c: 0 for c in _SUMS}
+    for r in rows:
+        item: dict[str, Any] = {group_by: day_str(r["grp"]) if group_by == "day" else r["grp"]}
+        for c in _SUMS:
+            v = int(r[c] or 0)
+            item[c] = v
+            totals[c] += v
+        out.append(_with_derived(item))
+    return {
+        "object": "usage_report",
+        "from": start.isoformat(),
+        "to": end.isoformat(),
+        "group_by": group_by,
+        "data": out,
+        "totals": _with_derived(totals),
+    }
+
+
+def _with_derived(item: dict[str, Any]) -> dict[str, Any]:
+    item["cost_usd"] = round(item["cost_micro_usd"] / 1_000_000, 6)
+    item["saved_usd"] = round(item["saved_micro_usd"] / 1_000_000, 6)
+    item["total_tokens"] = item["prompt_tokens"] + item["completion_tokens"]
+    item["avg_latency_ms"] = round(item["latency_ms_sum"] / item["requests"], 1) if item["requests"] else None
+    return item
