@@ -119,3 +119,111 @@ def empty_db_url(backend: str, tmp_path: Path, request) -> str:
         return _sqlite_url(tmp_path)
     server: PgServer = request.getfixturevalue("pg_server")
     return server.fresh_url(migrated=False)
+
+
+# -- a running loadbear in front of the upstream simulator ------------------------------
+
+
+def pytest_configure(config):
+    if os.environ.get("LOADBEAR_REQUIRE_POSTGRES") and not os.environ.get(PG_ENV):
+        raise pytest.UsageError(f"LOADBEAR_REQUIRE_POSTGRES is set but {PG_ENV} is not")
+
+
+class Stack:
+    """A Gateway + HTTP server on 127.0.0.1 + one tenant and key, against a given catalog."""
+
+    def __init__(self, db_url: str, models: dict, tenant_settings: dict | None = None,
+                 admin_key: str = "test-admin-key", **gateway_kwargs) -> None:
+        from loadbear import Gateway, Settings
+        from loadbear.api.app import create_app
+        from loadbear.testing.server import ServerThread
+
+        self.settings = Settings.load(env={}, config_path=None, database_url=db_url, admin_key=admin_key,
+                                      models=models, ledger_flush_interval_ms=5)
+        from loadbear.config.catalog import Catalog
+
+        catalog = Catalog.from_settings(models, env={}, default_model=gateway_kwargs.pop("default_model", None))
+        self.gateway = Gateway(self.settings, catalog=catalog, **gateway_kwargs)
+        self.gateway.migrate()
+        self.tenant = self.gateway.tenants.create_tenant("acme", "Acme", tenant_settings or {})
+        _, self.key = self.gateway.tenants.create_key("acme", "test")
+        self.server = ServerThread(create_app(self.gateway)).start()
+        self.url = self.server.url
+        self.admin_key = admin_key
+
+    def add_tenant(self, slug: str, settings: dict | None = None) -> str:
+        self.gateway.tenants.create_tenant(slug, slug, settings or {})
+        return self.gateway.tenants.create_key(slug, "test")[1]
+
+    def openai(self, key: str | None = None, **kw):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key or self.key, max_retries=0, **kw)
+
+    def async_openai(self, key: str | None = None, **kw):
+        import openai
+
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=key or self.key, max_retries=0, **kw)
+
+    def rows(self, sql: str = "SELECT * FROM ai_interactions ORDER BY created_at", params=()):
+        self.gateway.ledger.flush(10)
+        with self.gateway.db.system_tx(write=False) as c:
+            return c.fetchall(sql, params)
+
+    def attempts(self, interaction_id: str):
+        return self.rows("SELECT * FROM ai_attempts WHERE CAST(interaction_id AS TEXT) = ? ORDER BY attempt_no",
+                         (str(interaction_id),))
+
+    def close(self) -> None:
+        self.server.stop()
+        self.gateway.close()
+
+
+def sim_models(sim_url: str, **overrides) -> dict:
+    """A catalog whose models all point at the simulator: two OpenAI ones, an Anthropic one, local."""
+    from loadbear.providers.base import Timeouts  # noqa: F401  (documented shape)
+
+    base = {
+        "gpt-4o-mini": {"provider": "openai", "base_url": sim_url + "/v1", "api_key": "sk-sim",
+                        "input_price": 0.15, "cached_input_price": 0.075, "output_price": 0.60, "tier": "simple",
+                        "fallbacks": ["claude-3-5-haiku-latest", "local"], "max_retries": 1},
+        "gpt-4o": {"provider": "openai", "base_url": sim_url + "/v1", "api_key": "sk-sim",
+                   "input_price": 2.5, "output_price": 10.0, "tier": "complex",
+                   "fallbacks": ["gpt-4o-mini"], "max_retries": 1},
+        "claude-3-5-haiku-latest": {"provider": "anthropic", "base_url": sim_url, "api_key": "sk-ant-sim",
+                                    "input_price": 0.8, "output_price": 4.0, "tier": "simple",
+                                    "fallbacks": ["local"], "max_retries": 1},
+    }
+    for name, changes in overrides.items():
+        base.setdefault(name, {}).update(changes)
+    return base
+
+
+@pytest.fixture
+def simulator():
+    from loadbear.testing import UpstreamSimulator
+
+    sim = UpstreamSimulator(seed=7).start()
+    yield sim
+    sim.stop()
+
+
+@pytest.fixture
+def stack_factory(tmp_path, request):
+    """Build stacks on SQLite (default) or a given URL; closed at teardown."""
+    made: list[Stack] = []
+
+    def make(models: dict, db_url: str | None = None, **kw) -> Stack:
+        url = db_url or f"sqlite:///{tmp_path / f'gw{len(made)}.db'}"
+        s = Stack(url, models, **kw)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()
+
+
+@pytest.fixture
+def stack(stack_factory, simulator) -> Stack:
+    return stack_factory(sim_models(simulator.url))

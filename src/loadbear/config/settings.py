@@ -37,6 +37,19 @@ class Settings:
     pg_app_role: str = "loadbear_app"
     db_pool_size: int = 10
     log_level: str = "info"
+    # Reliability. Every request gets at most this long across all its attempts (retries and
+    # fallbacks included); each attempt's own timeouts are clamped to what is left.
+    request_deadline_s: float = 60.0
+    # Circuit breakers (per provider+model): open after this many consecutive failures, let
+    # one probe through after the cooldown. Shared through Redis when redis_url is set.
+    breaker_threshold: int = 5
+    breaker_cooldown_s: float = 30.0
+    breaker_key_prefix: str = "loadbear:breaker:"
+    # Retries of the same model: jittered exponential backoff from the base delay, capped at the
+    # max delay; a Retry-After is honoured unless it exceeds retry_after_max_s (then fail over).
+    retry_base_delay_s: float = 0.2
+    retry_max_delay_s: float = 8.0
+    retry_after_max_s: float = 20.0
     # Raw model catalog entries from the TOML file ([models.NAME] tables).
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Default tenant settings applied to new tenants (a [tenant_defaults] table).

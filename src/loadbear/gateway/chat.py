@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 import orjson
 
 from loadbear.gateway.errors import ApiError
-from loadbear.gateway.executor import CallState, ChainExhausted, ClientFault, MidStreamFailure
+from loadbear.gateway.executor import (
+    CallState,
+    ChainExhausted,
+    ClientFault,
+    MidStreamFailure,
+    continuation_request,
+)
 from loadbear.gateway.validation import ChatBody
 from loadbear.ledger.records import InteractionRecord
 from loadbear.providers.base import ChatRequest, ModelConfig, ProviderError, StreamDelta, Usage
@@ -53,6 +59,8 @@ class ChatCall:
     status: str | None = None
     degraded_reason: str | None = None
     error: ProviderError | None = None
+    # Mid-stream failures that another model continued (tenant setting allow_continuation).
+    continuations: list[dict[str, Any]] = field(default_factory=list)
     _recorded: bool = False
 
     # -- set-up -------------------------------------------------------------------------
@@ -82,6 +90,16 @@ class ChatCall:
     @property
     def deadline(self) -> float:
         return self.started + self.gateway.settings_request_deadline
+
+    def continuation_chain(self, failed: ModelConfig | None) -> list[ModelConfig]:
+        """Where a stream that failed mid-answer on ``failed`` may continue: the models after it in
+        the chain, if the tenant allows continuation. The ``local`` extractive model cannot
+        continue someone else's text, so it is left out."""
+        if not self.auth.tenant.settings.allow_continuation or failed is None:
+            return []
+        names = [m.name for m in self.chain]
+        start = names.index(failed.name) + 1 if failed.name in names else len(names)
+        return [m for m in self.chain[start:] if m.provider != "local"]
 
     @property
     def served_name(self) -> str:
@@ -150,6 +168,7 @@ class ChatCall:
             "degraded": self.status == "degraded",
             "cached": False,
             "attempts": len(st.attempts),
+            **({"continued": len(self.continuations)} if self.continuations else {}),
         }
 
     def headers(self, degraded: bool = False) -> dict[str, str]:
@@ -209,7 +228,8 @@ class ChatCall:
             http_status=err.status if err and status != "ok" else None,
             prompt_text=_prompt_text(self.body.messages) if settings.store_content else None,
             response_text=text if settings.store_content else None,
-            metadata={**self.body.metadata, **({"skipped": st.skipped} if st.skipped else {})},
+            metadata={**self.body.metadata, **({"skipped": st.skipped} if st.skipped else {}),
+                      **({"continuations": self.continuations} if self.continuations else {})},
             attempts=st.attempts,
         )
         self.gateway.record(rec)
@@ -271,19 +291,27 @@ class ChatStream:
                 yield DONE
                 return
             delta = self._first
-            try:
-                while delta is not None:
-                    if delta.text:
-                        yield self._chunk({"content": delta.text})
-                    delta = await self._upstream.__anext__()
-            except StopAsyncIteration:
-                pass
-            except MidStreamFailure as mf:
-                c.error = mf.error
-                status = "error"
-                yield _error_event(mf.error)
-                return
-            yield self._chunk({}, c.state.finish_reason or "stop")
+            shown: list[str] = []  # what the client has received, across continuations
+            while True:
+                try:
+                    while delta is not None:
+                        if delta.text:
+                            shown.append(delta.text)
+                            yield self._chunk({"content": delta.text})
+                        delta = await self._upstream.__anext__()
+                    break
+                except StopAsyncIteration:
+                    break
+                except MidStreamFailure as mf:
+                    delta = await self._continue(mf, shown)
+                    if delta is None:
+                        c.state.text_parts = shown
+                        status = "error"
+                        yield _error_event(c.error or mf.error)
+                        return
+            c.state.text_parts = shown
+            yield self._chunk({}, c.state.finish_reason or "stop",
+                              {"loadbear": c.meta()} if c.continuations else None)
             if c.body.include_usage:
                 yield self._usage_chunk(c.total_usage())
             status = "ok"
@@ -295,6 +323,38 @@ class ChatStream:
                 except Exception:
                     pass
             c.finish(status)
+
+    async def _continue(self, mf: MidStreamFailure, shown: list[str]) -> StreamDelta | None:
+        """After a mid-stream failure: the first delta of another model continuing the answer,
+        or None (then the stream ends with an error event). Before that first delta the
+        continuation fails over invisibly, like any stream."""
+        c = self.call
+        c.error = mf.error
+        chain = c.continuation_chain(mf.model)
+        if not chain:
+            return None
+        partial = "".join(shown)
+        note: dict[str, Any] = {"from_model": mf.model.name if mf.model else None, "error_type": mf.error.kind.value,
+                                "after_chars": len(partial), "to_model": None}
+        c.continuations.append(note)
+        if self._upstream is not None:
+            await self._upstream.aclose()
+        c.state.committed = False
+        self._upstream = c.gateway.executor.stream(chain, continuation_request(c.chat_request(), partial),
+                                                   c.state, c.deadline)
+        try:
+            first = await self._upstream.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except (ChainExhausted, ClientFault) as exc:
+            last = exc.last if isinstance(exc, ChainExhausted) else exc.error
+            if last is not None:
+                c.error = last
+            return None
+        note["to_model"] = c.state.served.name if c.state.served else None
+        if first is None:  # an empty continuation: the answer simply ends here
+            return StreamDelta("", c.state.finish_reason or "stop")
+        return first
 
     def _usage_chunk(self, usage: Usage) -> bytes:
         chunk = {

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from loadbear.config.catalog import Catalog
 from loadbear.config.settings import Settings
-from loadbear.gateway.breaker import BreakerRegistry
+from loadbear.gateway.breaker import BreakerRegistry, breaker_key
 from loadbear.gateway.chat import ChatCall, ChatResult, ChatStream
 from loadbear.gateway.executor import Executor, RetryPolicy
 from loadbear.gateway.validation import ChatBody
@@ -40,16 +40,19 @@ class Gateway:
         providers: ProviderRegistry | None = None,
         breakers: BreakerRegistry | None = None,
         retry_policy: RetryPolicy | None = None,
-        request_deadline: float = 60.0,
+        request_deadline: float | None = None,
     ) -> None:
         self.settings = settings
         self.db = db or open_database(settings.database_url, settings.pg_app_role, settings.db_pool_size)
         self.catalog = catalog or Catalog.from_settings(settings.models, default_model=settings.default_model)
         self.providers = providers or ProviderRegistry()
-        self.breakers = breakers or BreakerRegistry()
-        self.executor = Executor(self.providers, self.breakers, retry_policy)
+        # Reliability wiring: the deadline bounds every request (retries and fallbacks included);
+        # breakers are shared through Redis when settings.redis_url is set, else in-process.
+        self.settings_request_deadline = float(
+            request_deadline if request_deadline is not None else settings.request_deadline_s)
+        self.breakers = breakers or BreakerRegistry.from_settings(settings, probe_timeout=self.settings_request_deadline)
+        self.executor = Executor(self.providers, self.breakers, retry_policy or RetryPolicy.from_settings(settings))
         self.tenants = TenantService(self.db, settings.tenant_defaults, settings.auth_cache_seconds)
-        self.settings_request_deadline = request_deadline
         self._ledger: LedgerWriter | None = None
 
     @classmethod
@@ -77,6 +80,7 @@ class Gateway:
 
     async def aclose(self) -> None:
         await self.providers.aclose()
+        await self.breakers.aclose()
         self.close()
 
     def close(self) -> None:
@@ -124,8 +128,12 @@ class Gateway:
         ]
 
     def provider_health(self) -> list[dict[str, Any]]:
+        """Per model: catalog entry, breaker state, recent error rate and latency (``/admin/providers``)."""
         return [
             {"model": m.name, "provider": m.provider, "upstream_model": m.upstream_model, "tier": m.tier,
-             "fallbacks": m.fallbacks, **self.breakers.snapshot(m.name)}
+             "fallbacks": m.fallbacks, "max_retries": m.max_retries,
+             "timeouts": {"connect": m.timeouts.connect, "first_token": m.timeouts.first_token,
+                          "idle": m.timeouts.idle, "total": m.timeouts.total},
+             **self.breakers.snapshot(breaker_key(m))}
             for m in self.catalog
         ]

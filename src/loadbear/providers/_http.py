@@ -284,6 +284,7 @@ class SSEStream:
         "_got_first",
         "_handle",
         "_closed",
+        "_reusable",
         "_vendor",
     )
 
@@ -306,6 +307,7 @@ class SSEStream:
         self._waiting_since: float | None = None
         self._got_first = False
         self._closed = False
+        self._reusable = False
         self._vendor = vendor
         self._handle: asyncio.TimerHandle | None = None
         when = _earliest(first_deadline, total_deadline)
@@ -392,30 +394,41 @@ class SSEStream:
     # -- ending
 
     async def drain(self, limit: float = 0.05) -> None:
-        """After the final event: read to EOF (briefly) so the connection can be reused."""
+        """After the final event of a successful stream: read to EOF (briefly) and mark the
+        connection reusable. Only a drained stream goes back to the pool."""
         content = self._content
-        if content.is_eof() or self._closed:
+        if self._closed:
             return
-        try:
-            async with asyncio.timeout(limit):
-                while await content.readany():
-                    pass
-        except (TimeoutError, ProviderError, aiohttp.ClientError, OSError):
-            pass
+        if not content.is_eof():
+            try:
+                async with asyncio.timeout(limit):
+                    while await content.readany():
+                        pass
+            except (TimeoutError, ProviderError, aiohttp.ClientError, OSError):
+                return
+        self._reusable = True
 
     def close(self) -> None:
-        """Stop the watchdog; return the connection to the pool if the body was fully read,
-        otherwise close it (so an abandoned upstream generation stops promptly)."""
+        """Stop the watchdog; return the connection to the pool after a drained, successful
+        stream, otherwise close it (an abandoned or failed upstream stops promptly and a
+        suspect connection is never reused)."""
         if self._closed:
             return
         self._closed = True
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
-        if self._content.at_eof() and self._content.exception() is None:
+        if self._reusable and self._content.at_eof() and self._content.exception() is None:
             self.resp.release()
         else:
             self.resp.close()
+
+
+async def _settle() -> None:
+    """On a failed stream: one loop turn, so a connection the upstream is hanging up on
+    (already auto-released to the pool by aiohttp at end of body) is seen as closed before
+    the caller's immediate retry could pick it from the pool."""
+    await asyncio.sleep(0)
 
 
 def _earliest(a: float | None, b: float | None) -> float | None:

@@ -25,6 +25,7 @@ import orjson
 
 from ._http import (
     HttpClient,
+    _settle,
     SSEStream,
     estimate_usage,
     inband_error,
@@ -206,6 +207,8 @@ class OpenAIProvider:
         except ProviderError as exc:
             if exc.usage is None and parts:
                 exc.usage = estimate_usage(request.messages, "".join(parts), model.tokenizer)
+            sse.close()
+            await _settle()
             raise
         finally:
             sse.close()

@@ -81,6 +81,9 @@ __all__ = [
 ]
 
 
+_MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
 class UpstreamSimulator:
     """A fake OpenAI + Anthropic upstream on 127.0.0.1, served from a background thread.
 
@@ -170,7 +173,10 @@ class UpstreamSimulator:
         thread, loop, event = self._thread, self._loop, self._stop_event
         if thread is None or loop is None or event is None:
             return
-        loop.call_soon_threadsafe(event.set)
+        try:
+            loop.call_soon_threadsafe(event.set)
+        except RuntimeError:
+            pass  # the loop already ended (its thread died): nothing left to stop
         thread.join(timeout=10)
         self._thread = None
 
@@ -181,12 +187,10 @@ class UpstreamSimulator:
         self.stop()
 
     def _thread_main(self, ready: threading.Event, failure: list[BaseException]) -> None:
-        def announce() -> None:
-            ready.set()
-
         try:
+            # Runner also cancels leftover connection tasks and closes the loop on the way out.
             with asyncio.Runner() as runner:
-                runner.run(self._serve(announce))
+                runner.run(self._serve(ready.set))
         except BaseException as exc:  # surfaced to start() when it happens before listening
             if not ready.is_set():
                 failure.append(exc)
@@ -198,7 +202,15 @@ class UpstreamSimulator:
         """Listen, call ``on_ready``, run until ``_stop_event``, then tear down quickly."""
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
-        server = web.Server(self._dispatch, handler_cancellation=True, access_log=None)
+        loop = self._loop
+
+        def make_request(*args: Any) -> web.BaseRequest:
+            # aiohttp caps bodies at 1 MiB by default; real providers take far larger prompts.
+            return web.BaseRequest(*args, loop, client_max_size=_MAX_BODY_BYTES)
+
+        server = web.Server(
+            self._dispatch, request_factory=make_request, handler_cancellation=True, access_log=None
+        )
         runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         try:

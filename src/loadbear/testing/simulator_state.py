@@ -70,9 +70,10 @@ class RequestRecord:
     client_disconnected: bool = False
     body: dict[str, Any] | None = field(default=None, repr=False)
     headers: dict[str, str] = field(default_factory=dict, repr=False)
+    _generation: int = field(default=0, repr=False, compare=False)
 
     def to_json(self, full: bool = False) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "_generation"}
         if not full:
             del data["body"], data["headers"]
         return data
@@ -84,19 +85,22 @@ class Ledger:
     def __init__(self, max_records: int) -> None:
         self._lock = threading.Lock()
         self._max_records = max_records
+        self._in_flight = 0  # a live gauge: survives clear() since those requests still run
+        self._generation = 0
         self.clear()
 
     def clear(self) -> None:
-        with getattr(self, "_lock"):
+        with self._lock:
             self._records: deque[RequestRecord] = deque(maxlen=self._max_records)
             self._index = itertools.count()
             self._counts: dict[str, Counter[str]] = {k: Counter() for k in ("path", "model", "fault", "status")}
             self._total = 0
-            self._in_flight = 0
+            self._generation += 1
 
     def open(self, path: str, headers: dict[str, str]) -> RequestRecord:
         with self._lock:
             record = RequestRecord(next(self._index), path, time.monotonic(), headers=headers)
+            record._generation = self._generation
             self._records.append(record)
             self._total += 1
             self._in_flight += 1
@@ -115,7 +119,8 @@ class Ledger:
         with self._lock:
             record.ended = time.monotonic()
             self._in_flight -= 1
-            self._counts["status"]["none" if record.status is None else str(record.status)] += 1
+            if record._generation == self._generation:  # not counted if a reset came in between
+                self._counts["status"]["none" if record.status is None else str(record.status)] += 1
 
     def records(self) -> list[RequestRecord]:
         with self._lock:

@@ -44,10 +44,21 @@ def tokenizer() -> Any:
     return _tokenizer
 
 
-@lru_cache(maxsize=8192)
+_CACHED_TEXT_MAX_CHARS = 4096  # larger texts are counted afresh rather than pinned in memory
+
+
 def count_tokens(text: str) -> int:
+    if not text:
+        return 0
+    if len(text) > _CACHED_TEXT_MAX_CHARS:
+        return tokenizer().count(text)
+    return _count_tokens_cached(text)
+
+
+@lru_cache(maxsize=8192)
+def _count_tokens_cached(text: str) -> int:
     # Benchmarks resend the same prompts, so the cache turns tokenizing into a dict lookup.
-    return tokenizer().count(text) if text else 0
+    return tokenizer().count(text)
 
 
 def truncate_to_tokens(text: str, max_tokens: int) -> str:
@@ -130,9 +141,17 @@ def prompt_digest(texts: list[str]) -> int:
     return zlib.crc32("\x1e".join(texts).encode("utf-8", "surrogatepass"))
 
 
-@lru_cache(maxsize=4096)
 def split_pieces(text: str) -> tuple[str, ...]:
     """Stream pieces: one word each, with its leading whitespace; joined they give ``text``."""
+    return _split_cached(text) if len(text) <= _CACHED_TEXT_MAX_CHARS else _split(text)
+
+
+@lru_cache(maxsize=4096)
+def _split_cached(text: str) -> tuple[str, ...]:
+    return _split(text)
+
+
+def _split(text: str) -> tuple[str, ...]:
     pieces = _PIECE_RE.findall(text)
     consumed = sum(map(len, pieces))
     if consumed < len(text):  # trailing whitespace rides on the last piece

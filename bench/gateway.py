@@ -1,0 +1,760 @@
+"""Gateway overhead benchmark: what loadbear adds over calling the upstream directly.
+
+    .venv/bin/python bench/gateway.py [--quick] [--out results.json] [--no-docs]
+
+One run, one machine, the ledger on:
+
+* the upstream simulator (``python -m loadbear.testing.simulator --reply-words 20``) and the
+  load generator (this process) are pinned to core 1 (``--client-core``);
+* loadbear (``uvicorn loadbear.api.factory:build_app --factory``, uvloop + httptools, access
+  log off) is pinned to core 0 (``--server-core``), on a fresh SQLite database in a temporary
+  directory, with ``OPENAI_BASE_URL`` pointing ``gpt-4o-mini`` at the simulator; a tenant and
+  an API key are made with the CLI (``loadbear tenants create`` / ``loadbear keys create``).
+
+Every scenario runs against the simulator directly and then through loadbear, with the same
+request bodies (a different prompt for every request, so no cache can answer):
+non-streamed and streamed (20 content chunks, ``stream_options.include_usage``), at
+concurrency 1 (``--requests`` sequential requests), then for ``--duration`` seconds at each of
+``--concurrency`` (default 32 and 128). Connections are keep-alive, one per concurrent client,
+opened and warmed before the clock starts.
+
+The load generator is a raw asyncio (uvloop) HTTP/1.1 client: pre-built request bytes, a
+minimal response parser (Content-Length and chunked). It is much cheaper per request than
+aiohttp's client, so that one core can drive both the simulator and 1,000+ requests/s. Its own
+CPU per request is measured and reported, as is the simulator's, so the ceiling of core 1 is
+known (the direct runs at high concurrency are that ceiling).
+
+Measured per phase: throughput (completed requests / wall time), latency p50/p99 (request
+written -> response complete), time to first byte (non-streamed: first response byte;
+streamed: the first byte of the first non-empty ``delta.content`` event), errors (transport
+errors, non-200 answers, streams that do not end in ``data: [DONE]``), the server's CPU time
+per request (utime + stime of the whole process, i.e. all its threads including the ledger
+writer, from ``/proc/PID/stat`` around the measured part of the phase), and its memory
+(VmRSS, VmHWM). At the end the server is stopped gracefully (the ledger flushes) and the rows
+in ``ai_interactions`` are counted against the requests sent through loadbear.
+
+Results are printed, optionally written as JSON (``--out``), and written as Markdown into the
+"Gateway overhead" section of ``docs/benchmarks.md`` (full runs only; ``--no-docs`` to skip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "benchmarks.md"
+SECTION = "## Gateway overhead"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+# The first streamed event with non-empty content: `"content":"x`. Both orjson and the
+# simulator write compact JSON, so no spaces.
+CONTENT_RE = re.compile(rb'"content":"[^"]')
+DONE = b"data: [DONE]"
+
+TARGETS = {
+    "added_p50_ms_c1": 1.0,        # added at p50 at concurrency 1, streaming TTFB included
+    "cpu_ms_nonstream": 1.0,       # server CPU per non-streamed request
+    "cpu_ms_stream": 2.0,          # server CPU per streamed request
+    "rps_c128": 1000.0,            # through loadbear at concurrency 128, non-streamed, no errors
+}
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_cpu(pid: int) -> float:
+    """utime + stime of the whole process (all threads), in seconds."""
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        raw = fh.read()
+    fields_ = raw[raw.rindex(b")") + 2:].split()
+    return (int(fields_[11]) + int(fields_[12])) / CLK_TCK
+
+
+def proc_mem(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM in MiB."""
+    out = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":", 1)
+                out[key] = int(value.split()[0]) / 1024
+    return {"rss_mib": round(out.get("VmRSS", 0.0), 1), "hwm_mib": round(out.get("VmHWM", 0.0), 1)}
+
+
+def self_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"process {proc.args!r} exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{url} did not answer within {timeout:g}s")
+
+
+def pinned(core: int, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", str(core), *argv] if shutil.which("taskset") else argv
+
+
+def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# --------------------------------------------------------------------------- HTTP client
+
+
+class Response:
+    __slots__ = ("status", "t_first", "t_content", "t_end", "body", "error")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.t_first: float | None = None    # first response byte
+        self.t_content: float | None = None  # first content event (streams)
+        self.t_end = 0.0
+        self.body = b""
+        self.error: str | None = None
+
+
+class Conn(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection; one request at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.waiter: asyncio.Future | None = None
+        self.resp: Response | None = None
+        self.stream = False
+        self.state = 0  # 0 head, 1 content-length body, 2 chunked body
+        self.length = 0
+        self.body = bytearray()
+        self.scan = 0
+        self.closed = False
+
+    @classmethod
+    async def open(cls, port: int) -> "Conn":
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(lambda: cls(loop), "127.0.0.1", port)
+        return conn
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        if self.waiter is not None and not self.waiter.done():
+            self.resp.error = f"connection lost: {exc or 'closed by peer'}"
+            self.resp.t_end = time.perf_counter()
+            self.waiter.set_result(self.resp)
+
+    def request(self, data: bytes, stream: bool) -> asyncio.Future:
+        self.resp = Response()
+        self.stream = stream
+        self.state = 0
+        self.body = bytearray()
+        self.scan = 0
+        self.buf.clear()
+        self.waiter = self.loop.create_future()
+        self.transport.write(data)
+        return self.waiter
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        resp = self.resp
+        if resp is None or self.waiter is None or self.waiter.done():
+            return
+        if resp.t_first is None:
+            resp.t_first = now
+        self.buf += data
+        try:
+            self._parse(now)
+        except Exception as exc:  # a protocol error is a failed request
+            self._finish(now, f"unparseable response: {exc}")
+            self.transport.close()
+
+    def _finish(self, now: float, error: str | None = None) -> None:
+        resp = self.resp
+        resp.t_end = now
+        resp.error = error
+        resp.body = bytes(self.body)
+        self.waiter.set_result(resp)
+
+    def _parse(self, now: float) -> None:
+        buf = self.buf
+        if self.state == 0:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(buf[:end]).lower()
+            del buf[: end + 4]
+            self.resp.status = int(head[9:12])
+            if b"transfer-encoding: chunked" in head:
+                self.state = 2
+            else:
+                i = head.find(b"content-length:")
+                if i < 0:
+                    raise ValueError("no content-length and not chunked")
+                j = head.find(b"\r\n", i)
+                self.length = int(head[i + 15: j if j > 0 else None])
+                self.state = 1
+        if self.state == 1:
+            if len(buf) >= self.length:
+                self.body = buf[: self.length]
+                del buf[: self.length]
+                self._finish(now)
+            return
+        # chunked
+        pos = 0
+        n = len(buf)
+        while True:
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                break
+            size = int(bytes(buf[pos:eol]).split(b";", 1)[0], 16)
+            if size == 0:
+                if n < eol + 4:  # the empty trailer line
+                    break
+                del buf[: eol + 4]
+                self._chunks_done(now)
+                return
+            if n < eol + 2 + size + 2:
+                break
+            self.body += buf[eol + 2: eol + 2 + size]
+            pos = eol + 2 + size + 2
+        if pos:
+            del buf[:pos]
+        if self.stream and self.resp.t_content is None and CONTENT_RE.search(self.body, max(0, self.scan - 16)):
+            self.resp.t_content = now
+        self.scan = len(self.body)
+
+    def _chunks_done(self, now: float) -> None:
+        if self.stream and self.resp.t_content is None and CONTENT_RE.search(self.body, max(0, self.scan - 16)):
+            self.resp.t_content = now
+        self._finish(now)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Target:
+    """Builds request bytes for one endpoint (the simulator or loadbear)."""
+
+    def __init__(self, name: str, port: int, path: str, key: str | None) -> None:
+        self.name = name
+        self.port = port
+        head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        if key:
+            head += f"Authorization: Bearer {key}\r\n"
+        self.head = head.encode()
+        self.sent = 0
+
+    def build(self, serial: int, stream: bool) -> bytes:
+        body = (
+            '{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are a helpful assistant."},'
+            f'{{"role":"user","content":"Benchmark request {serial}: say something short."}}]'
+            + (',"stream":true,"stream_options":{"include_usage":true}}' if stream else "}")
+        ).encode()
+        self.sent += 1
+        return self.head + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+
+
+# --------------------------------------------------------------------------- phases
+
+
+@dataclass
+class Phase:
+    target: str
+    mode: str            # "non-stream" | "stream"
+    concurrency: int
+    requests: int = 0
+    errors: int = 0
+    error_samples: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    rps: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    ttfb_p50_ms: float = 0.0
+    ttfb_p99_ms: float = 0.0
+    server_cpu_ms: float | None = None     # loadbear's CPU per request
+    sim_cpu_ms: float | None = None        # the simulator's CPU per request
+    client_cpu_ms: float | None = None     # the load generator's CPU per request
+    server_mem: dict[str, float] | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.mode}/c{self.concurrency}"
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.serial = 0
+        self.server_pid: int | None = None
+        self.sim_pid: int | None = None
+
+    def check(self, resp: Response, stream: bool) -> str | None:
+        if resp.error:
+            return resp.error
+        if resp.status != 200:
+            return f"HTTP {resp.status}: {resp.body[:200]!r}"
+        if stream:
+            if DONE not in resp.body[-64:]:
+                return f"stream without [DONE]: ...{resp.body[-200:]!r}"
+            if resp.t_content is None:
+                return "stream without content"
+        elif not resp.body.startswith(b"{") or b'"choices"' not in resp.body:
+            return f"not a completion: {resp.body[:200]!r}"
+        return None
+
+    async def one(self, conn: Conn, target: Target, stream: bool) -> tuple[Response, float]:
+        self.serial += 1
+        data = target.build(self.serial, stream)
+        t0 = time.perf_counter()
+        resp = await conn.request(data, stream)
+        return resp, t0
+
+    async def run_phase(self, target: Target, stream: bool, concurrency: int) -> Phase:
+        args = self.args
+        phase = Phase(target.name, "stream" if stream else "non-stream", concurrency)
+        conns = [await Conn.open(target.port) for _ in range(concurrency)]
+        # Warm up: every connection carries a few requests before the clock starts.
+        warm = max(2, args.warmup // concurrency)
+        for _ in range(warm):
+            await asyncio.gather(*(self.one(c, target, stream) for c in conns))
+
+        latencies: list[float] = []
+        ttfbs: list[float] = []
+        errors: list[str] = []
+        sequential = concurrency == 1
+        count = args.requests if sequential else None
+        budget = [count or 0]
+
+        async def worker(conn: Conn) -> None:
+            while True:
+                if sequential:
+                    if budget[0] <= 0:
+                        return
+                    budget[0] -= 1
+                elif time.perf_counter() >= end:
+                    return
+                if conn.closed:
+                    conn_new = await Conn.open(target.port)
+                    conns.append(conn_new)
+                    conn = conn_new
+                resp, t0 = await self.one(conn, target, stream)
+                problem = self.check(resp, stream)
+                if problem:
+                    errors.append(problem)
+                    continue
+                latencies.append(resp.t_end - t0)
+                first = resp.t_content if stream else resp.t_first
+                ttfbs.append(first - t0)
+
+        server0 = proc_cpu(self.server_pid) if target.name == "loadbear" else None
+        sim0 = proc_cpu(self.sim_pid)
+        me0 = self_cpu()
+        start = time.perf_counter()
+        end = start + args.duration
+        await asyncio.gather(*(worker(c) for c in conns))
+        elapsed = time.perf_counter() - start
+        me1 = self_cpu()
+        sim1 = proc_cpu(self.sim_pid)
+        done = len(latencies) + len(errors)
+        if server0 is not None:
+            phase.server_cpu_ms = round((proc_cpu(self.server_pid) - server0) * 1000 / max(done, 1), 3)
+            phase.server_mem = proc_mem(self.server_pid)
+        phase.sim_cpu_ms = round((sim1 - sim0) * 1000 / max(done, 1), 3)
+        phase.client_cpu_ms = round((me1 - me0) * 1000 / max(done, 1), 3)
+        for c in conns:
+            c.close()
+        phase.requests = done
+        phase.errors = len(errors)
+        phase.error_samples = sorted(set(errors))[:5]
+        phase.seconds = round(elapsed, 3)
+        phase.rps = round(done / elapsed, 1)
+        phase.p50_ms = round(pct(latencies, 0.50) * 1000, 3)
+        phase.p99_ms = round(pct(latencies, 0.99) * 1000, 3)
+        phase.ttfb_p50_ms = round(pct(ttfbs, 0.50) * 1000, 3)
+        phase.ttfb_p99_ms = round(pct(ttfbs, 0.99) * 1000, 3)
+        await asyncio.sleep(0.2)  # let closed connections settle
+        return phase
+
+
+# --------------------------------------------------------------------------- report
+
+
+def summarize(phases: list[Phase], ledger: dict[str, Any]) -> dict[str, Any]:
+    by = {(p.target, p.key): p for p in phases}
+    rows = []
+    for p in phases:
+        if p.target != "loadbear":
+            continue
+        d = by.get(("direct", p.key))
+        if d is None:
+            continue
+        rows.append({
+            "scenario": p.key,
+            "added_p50_ms": round(p.p50_ms - d.p50_ms, 3),
+            "added_p99_ms": round(p.p99_ms - d.p99_ms, 3),
+            "added_ttfb_p50_ms": round(p.ttfb_p50_ms - d.ttfb_p50_ms, 3),
+            "direct_rps": d.rps,
+            "loadbear_rps": p.rps,
+            "server_cpu_ms": p.server_cpu_ms,
+            "errors": p.errors,
+        })
+    checks = []
+
+    def get(mode: str, c: int) -> dict[str, Any] | None:
+        return next((r for r in rows if r["scenario"] == f"{mode}/c{c}"), None)
+
+    ns1, s1 = get("non-stream", 1), get("stream", 1)
+    if ns1:
+        v = max(ns1["added_p50_ms"], ns1["added_ttfb_p50_ms"])
+        checks.append(("added at p50, c=1, non-streamed", f"{v:.3f} ms", f"≤ {TARGETS['added_p50_ms_c1']:g} ms",
+                       v <= TARGETS["added_p50_ms_c1"]))
+    if s1:
+        v = s1["added_ttfb_p50_ms"]
+        checks.append(("added to first streamed content byte at p50, c=1", f"{v:.3f} ms",
+                       f"≤ {TARGETS['added_p50_ms_c1']:g} ms", v <= TARGETS["added_p50_ms_c1"]))
+        v = s1["added_p50_ms"]
+        checks.append(("added at p50, c=1, streamed (whole stream)", f"{v:.3f} ms",
+                       f"≤ {TARGETS['added_p50_ms_c1']:g} ms", v <= TARGETS["added_p50_ms_c1"]))
+    for mode, target_key in (("non-stream", "cpu_ms_nonstream"), ("stream", "cpu_ms_stream")):
+        cpus = [p.server_cpu_ms for p in phases if p.target == "loadbear" and p.mode == mode and p.server_cpu_ms]
+        if cpus:
+            worst = max(cpus)
+            checks.append((f"server CPU per {mode}ed request (worst phase)".replace("non-streamed", "non-streamed")
+                           .replace("streamed", "streamed"), f"{worst:.3f} ms",
+                           f"≤ {TARGETS[target_key]:g} ms", worst <= TARGETS[target_key]))
+    top = max((p.concurrency for p in phases), default=0)
+    for p in phases:
+        if p.target == "loadbear" and p.mode == "non-stream" and p.concurrency == top and top > 1:
+            ok = p.rps >= TARGETS["rps_c128"] and p.errors == 0
+            checks.append((f"throughput at c={top}, non-streamed, no errors", f"{p.rps:,.0f} req/s, {p.errors} errors",
+                           f"≥ {TARGETS['rps_c128']:,.0f} req/s, 0 errors", ok))
+    total_errors = sum(p.errors for p in phases)
+    checks.append(("errors, all phases", str(total_errors), "0", total_errors == 0))
+    if ledger:
+        ok = ledger.get("ai_interactions") == ledger.get("sent")
+        checks.append(("ledger rows = requests sent through loadbear",
+                       f"{ledger.get('ai_interactions')} / {ledger.get('sent')}", "equal", ok))
+    return {"overhead": rows, "checks": [
+        {"what": w, "measured": m, "target": t, "met": ok} for w, m, t, ok in checks]}
+
+
+def fmt(v: Any, nd: int = 2) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:,.{nd}f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    lines = [
+        SECTION,
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Measured {meta['date']} on {meta['machine']} (Python {meta['python']}), "
+        f"loadbear pinned to core {meta['server_core']}, simulator and load generator on core {meta['client_core']}; "
+        f"SQLite ledger on. Concurrency 1: {meta['requests']} sequential requests; "
+        f"higher concurrency: {meta['duration']:g} s each. Latencies in ms; TTFB is the first response byte "
+        "(non-streamed) or the first content event (streamed, 20 chunks). "
+        "Server CPU is loadbear's whole-process utime+stime per request.",
+        "",
+        "| target | scenario | requests | req/s | p50 | p99 | TTFB p50 | TTFB p99 | errors | server CPU ms/req "
+        "| server RSS / peak MiB | generator CPU ms/req | simulator CPU ms/req |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for p in result["phases"]:
+        mem = p["server_mem"]
+        lines.append(
+            f"| {p['target']} | {p['mode']} c={p['concurrency']} | {p['requests']:,} | {p['rps']:,.0f} | "
+            f"{p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['ttfb_p50_ms']:.2f} | {p['ttfb_p99_ms']:.2f} | {p['errors']} | "
+            f"{fmt(p['server_cpu_ms'], 3)} | {(str(mem['rss_mib']) + ' / ' + str(mem['hwm_mib'])) if mem else '—'} | "
+            f"{fmt(p['client_cpu_ms'], 3)} | {fmt(p['sim_cpu_ms'], 3)} |"
+        )
+    lines += [
+        "",
+        "What loadbear adds over calling the simulator directly (same run):",
+        "",
+        "| scenario | added p50 ms | added p99 ms | added TTFB p50 ms | direct req/s | loadbear req/s | server CPU ms/req |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in result["summary"]["overhead"]:
+        lines.append(
+            f"| {r['scenario']} | {r['added_p50_ms']:.2f} | {r['added_p99_ms']:.2f} | {r['added_ttfb_p50_ms']:.2f} | "
+            f"{r['direct_rps']:,.0f} | {r['loadbear_rps']:,.0f} | {fmt(r['server_cpu_ms'], 3)} |"
+        )
+    lines += ["", "Targets:", "", "| check | measured | target | met |", "|---|---|---|---|"]
+    for c in result["summary"]["checks"]:
+        lines.append(f"| {c['what']} | {c['measured']} | {c['target']} | {'yes' if c['met'] else '**no**'} |")
+    led = result.get("ledger") or {}
+    if led:
+        lines += ["", f"Ledger: {led.get('ai_interactions')} rows in `ai_interactions` "
+                      f"({led.get('ai_attempts')} attempts) for {led.get('sent')} requests sent through loadbear "
+                      f"(warm-up included); statuses {led.get('by_status')}."]
+    notes = result.get("notes")
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_docs(section: str, path: Path = DOCS) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = text.find(SECTION + "\n")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        nxt = re.search(r"^## ", text[start + len(SECTION):], flags=re.M)
+        end = start + len(SECTION) + nxt.start() if nxt else len(text)
+        rest = text[end:]
+        text = text[:start] + section + ("\n" + rest if rest else "")
+    path.write_text(text)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    hdr = f"{'target':9} {'scenario':16} {'reqs':>7} {'req/s':>7} {'p50':>7} {'p99':>7} {'ttfb50':>7} {'ttfb99':>7} " \
+          f"{'err':>4} {'srvCPU':>7} {'genCPU':>7} {'simCPU':>7} {'RSS':>6}"
+    print(hdr)
+    for p in result["phases"]:
+        mem = p["server_mem"]
+        print(f"{p['target']:9} {p['mode'] + ' c=' + str(p['concurrency']):16} {p['requests']:>7} {p['rps']:>7.0f} "
+              f"{p['p50_ms']:>7.2f} {p['p99_ms']:>7.2f} {p['ttfb_p50_ms']:>7.2f} {p['ttfb_p99_ms']:>7.2f} {p['errors']:>4} "
+              f"{fmt(p['server_cpu_ms'], 3):>7} {fmt(p['client_cpu_ms'], 3):>7} {fmt(p['sim_cpu_ms'], 3):>7} "
+              f"{(str(mem['rss_mib'])) if mem else '—':>6}")
+        for e in p["error_samples"]:
+            print(f"    error: {e}")
+    print()
+    print(f"{'scenario':16} {'+p50':>7} {'+p99':>7} {'+ttfb50':>8} {'direct/s':>9} {'lb/s':>7} {'srvCPU':>7}")
+    for r in result["summary"]["overhead"]:
+        print(f"{r['scenario']:16} {r['added_p50_ms']:>7.2f} {r['added_p99_ms']:>7.2f} {r['added_ttfb_p50_ms']:>8.2f} "
+              f"{r['direct_rps']:>9.0f} {r['loadbear_rps']:>7.0f} {fmt(r['server_cpu_ms'], 3):>7}")
+    print()
+    for c in result["summary"]["checks"]:
+        print(f"[{'ok' if c['met'] else 'MISS'}] {c['what']}: {c['measured']} (target {c['target']})")
+    if result.get("ledger"):
+        print(f"ledger: {result['ledger']}")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def cli_json(env: dict[str, str], cwd: str, *argv: str) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-m", "loadbear.cli", *argv], env=env, cwd=cwd,
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"loadbear {' '.join(argv)} failed: {out.stderr.strip()}")
+    return json.loads(out.stdout)
+
+
+def ledger_counts(db_path: Path, sent: int) -> dict[str, Any]:
+    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        n = con.execute("SELECT count(*) FROM ai_interactions").fetchone()[0]
+        a = con.execute("SELECT count(*) FROM ai_attempts").fetchone()[0]
+        by_status = dict(con.execute("SELECT status, count(*) FROM ai_interactions GROUP BY status").fetchall())
+    finally:
+        con.close()
+    return {"sent": sent, "ai_interactions": n, "ai_attempts": a, "by_status": by_status}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 200 sequential requests, 3 s phases")
+    parser.add_argument("--requests", type=int, default=None, help="sequential requests at concurrency 1 (2000)")
+    parser.add_argument("--duration", type=float, default=None, help="seconds per concurrent phase (15)")
+    parser.add_argument("--concurrency", default="32,128", help="concurrent phases (comma-separated)")
+    parser.add_argument("--modes", default="non-stream,stream", help="non-stream, stream or both")
+    parser.add_argument("--warmup", type=int, default=200, help="warm-up requests before each phase")
+    parser.add_argument("--server-core", type=int, default=0)
+    parser.add_argument("--client-core", type=int, default=1)
+    parser.add_argument("--reply-words", type=int, default=20)
+    parser.add_argument("--out", help="write the results as JSON to this file")
+    parser.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
+    parser.add_argument("--docs", action="store_true", help="write docs/benchmarks.md even with --quick")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (database, logs)")
+    args = parser.parse_args(argv)
+    if args.requests is None:
+        args.requests = 200 if args.quick else 2000
+    if args.duration is None:
+        args.duration = 3.0 if args.quick else 15.0
+    if args.quick:
+        args.warmup = min(args.warmup, 64)
+    concurrencies = [1] + [int(c) for c in args.concurrency.split(",") if c.strip() and int(c) > 1]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+
+    tmp = Path(tempfile.mkdtemp(prefix="loadbear_gwbench_"))
+    sim_port, gw_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOADBEAR_", "OPENAI_", "ANTHROPIC_"))}
+    env.update({
+        "LOADBEAR_DATABASE_URL": f"sqlite:///{tmp}/bench.db",
+        "LOADBEAR_LOG_LEVEL": "warning",
+        "OPENAI_API_KEY": "sk-bench",
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{sim_port}/v1",
+        "PYTHONUNBUFFERED": "1",
+    })
+    procs: list[subprocess.Popen] = []
+    sim_log = open(tmp / "simulator.log", "wb")
+    srv_log = open(tmp / "server.log", "wb")
+    try:
+        sim = subprocess.Popen(
+            pinned(args.client_core, [sys.executable, "-m", "loadbear.testing.simulator", "--port", str(sim_port),
+                                      "--reply-words", str(args.reply_words)]),
+            env=env, cwd=tmp, stdout=sim_log, stderr=subprocess.STDOUT)
+        procs.append(sim)
+        wait_http(f"http://127.0.0.1:{sim_port}/_sim/health", sim)
+
+        cli_json(env, str(tmp), "tenants", "create", "bench", "--json")
+        key = cli_json(env, str(tmp), "keys", "create", "--tenant", "bench", "--json")["key"]
+
+        server_argv = [sys.executable, "-m", "uvicorn", "loadbear.api.factory:build_app", "--factory",
+                       "--host", "127.0.0.1", "--port", str(gw_port), "--loop", "uvloop", "--http", "httptools",
+                       "--no-access-log", "--log-level", "warning"]
+        server = subprocess.Popen(pinned(args.server_core, server_argv), env=env, cwd=tmp,
+                                  stdout=srv_log, stderr=subprocess.STDOUT)
+        procs.append(server)
+        wait_http(f"http://127.0.0.1:{gw_port}/healthz", server)
+
+        try:
+            os.sched_setaffinity(0, {args.client_core})
+        except (AttributeError, OSError):
+            pass
+        try:
+            import uvloop
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        except ImportError:
+            pass
+
+        direct = Target("direct", sim_port, "/v1/chat/completions", "sk-bench")
+        through = Target("loadbear", gw_port, "/v1/chat/completions", key)
+        bench = Bench(args)
+        bench.server_pid, bench.sim_pid = server.pid, sim.pid
+        base_mem = proc_mem(server.pid)
+
+        async def run_all() -> list[Phase]:
+            phases = []
+            for mode in modes:
+                for c in concurrencies:
+                    for target in (direct, through):
+                        p = await bench.run_phase(target, mode == "stream", c)
+                        print(f"  {p.target:8} {p.key:16} {p.requests:7} req {p.rps:8.0f}/s p50 {p.p50_ms:6.2f} "
+                              f"p99 {p.p99_ms:6.2f} ttfb {p.ttfb_p50_ms:6.2f} err {p.errors} "
+                              f"cpu {fmt(p.server_cpu_ms, 3)}", flush=True)
+                        phases.append(p)
+            return phases
+
+        print(f"simulator :{sim_port} (core {args.client_core}), loadbear :{gw_port} (core {args.server_core}), "
+              f"data in {tmp}", flush=True)
+        phases = asyncio.run(run_all())
+        end_mem = proc_mem(server.pid)
+        stop(server)
+        ledger = ledger_counts(tmp / "bench.db", through.sent)
+        cmd = "python bench/gateway.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+        result = {
+            "meta": {
+                "command": cmd.strip(),
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "machine": f"{platform.machine()} {os.cpu_count()} cores ({_cpu_model()})",
+                "python": platform.python_version(),
+                "server_core": args.server_core,
+                "client_core": args.client_core,
+                "requests": args.requests,
+                "duration": args.duration,
+                "server_mem_start": base_mem,
+                "server_mem_end": end_mem,
+                "load_avg_end": os.getloadavg(),
+            },
+            "phases": [p.__dict__ for p in phases],
+            "ledger": ledger,
+        }
+        result["summary"] = summarize(phases, ledger)
+        print()
+        print_table(result)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+        if not args.no_docs and (not args.quick or args.docs):
+            write_docs(markdown(result))
+            print(f"\nwrote the '{SECTION[3:]}' section of {DOCS}")
+        return 0 if all(c["met"] for c in result["summary"]["checks"]) else 1
+    finally:
+        for p in reversed(procs):
+            stop(p)
+        sim_log.close()
+        srv_log.close()
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
