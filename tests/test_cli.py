@@ -74,3 +74,30 @@ def test_migrate_and_demo(tmp_path: Path):
     out2 = run(["demo"], url).stdout  # idempotent: a second run adds a key, not a tenant
     assert "ready" in out2
     assert len(json.loads(run(["keys", "list", "--tenant", "demo", "--json"], url).stdout)) == 2
+
+
+def test_simulate_command_serves(tmp_path: Path):
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "loadbear.cli", "simulate", "--port", str(port), "--seed", "3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                               json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "no start"
+                time.sleep(0.1)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+    finally:
+        proc.terminate()
+        proc.wait(10)

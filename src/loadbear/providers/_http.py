@@ -225,6 +225,19 @@ class SSEParser:
     def feed(self, chunk: bytes) -> list[tuple[bytes | None, bytes]]:
         if self._tail:
             chunk = self._tail + chunk
+        elif self._data is None and chunk.endswith(b"\n\n") and b"\r" not in chunk:
+            # Fast paths for the usual read of exactly one event:
+            # "data: X\n\n" (OpenAI) and "event: E\ndata: X\n\n" (Anthropic).
+            end = len(chunk) - 2
+            first = chunk.find(b"\n")
+            if first == end:
+                if chunk.startswith(b"data: "):
+                    self._event = None
+                    return [(None, chunk[6:end])]
+            elif chunk.startswith(b"event: ") and chunk.find(b"\n", first + 1) == end:
+                if chunk.startswith(b"data: ", first + 1):
+                    self._event = None
+                    return [(chunk[7:first], chunk[first + 7 : end])]
         lines = chunk.split(b"\n")
         self._tail = lines.pop()
         out: list[tuple[bytes | None, bytes]] = []

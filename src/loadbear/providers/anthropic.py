@@ -218,47 +218,54 @@ class AnthropicProvider:
                 events = await sse.next_events()
                 if events is None:
                     break
+                batch = ""  # the text of one network read, yielded as one delta
+                err: ProviderError | None = None
                 for event, data in events:
                     if event in _SKIP_EVENTS:
                         continue
                     try:
                         obj = loads(data)
+                        etype = obj.get("type")
+                        if etype == "content_block_delta":
+                            delta = obj["delta"]
+                            if delta.get("type") == "text_delta":
+                                text = delta.get("text")
+                                if text:
+                                    if not parts:
+                                        sse.mark_first()
+                                    parts.append(text)
+                                    batch += text
+                            else:  # thinking / tool input: tokens are flowing
+                                sse.mark_first()
+                        elif etype == "message_start":
+                            start_usage = self._map_usage((obj.get("message") or {}).get("usage"))
+                        elif etype == "message_delta":
+                            reason = (obj.get("delta") or {}).get("stop_reason")
+                            if reason:
+                                finish = STOP_REASONS.get(reason, reason)
+                            wire = obj.get("usage")
+                            if wire:
+                                out = wire.get("output_tokens")
+                                if out is not None:
+                                    output_tokens = out
+                                if wire.get("input_tokens") is not None:  # newer API: cumulative input too
+                                    start_usage = self._map_usage({**wire, "output_tokens": 0})
+                        elif etype == "message_stop":
+                            stopped = True
+                            break
+                        elif etype == "error":
+                            err = inband_error(obj.get("error"), "anthropic")
+                            break
                     except orjson.JSONDecodeError:
-                        raise ProviderError(ErrorKind.MALFORMED, "anthropic: unparseable stream event") from None
-                    if not isinstance(obj, dict):
-                        raise ProviderError(ErrorKind.MALFORMED, "anthropic: stream event is not an object")
-                    etype = obj.get("type")
-                    if etype == "content_block_delta":
-                        delta = obj.get("delta") or {}
-                        if delta.get("type") == "text_delta":
-                            text = delta.get("text")
-                            if text:
-                                if not parts:
-                                    sse.mark_first()
-                                parts.append(text)
-                                yield StreamDelta(text)
-                        else:  # thinking / tool input: tokens are flowing
-                            sse.mark_first()
-                    elif etype == "message_start":
-                        message = obj.get("message") or {}
-                        start_usage = self._map_usage(message.get("usage"))
-                    elif etype == "message_delta":
-                        delta = obj.get("delta") or {}
-                        reason = delta.get("stop_reason")
-                        if reason:
-                            finish = STOP_REASONS.get(reason, reason)
-                        wire = obj.get("usage")
-                        if wire:
-                            out = wire.get("output_tokens")
-                            if out is not None:
-                                output_tokens = out
-                            if wire.get("input_tokens") is not None:  # newer API: cumulative input too
-                                start_usage = self._map_usage({**wire, "output_tokens": 0})
-                    elif etype == "message_stop":
-                        stopped = True
+                        err = ProviderError(ErrorKind.MALFORMED, "anthropic: unparseable stream event")
                         break
-                    elif etype == "error":
-                        raise inband_error(obj.get("error"), "anthropic")
+                    except (AttributeError, TypeError, IndexError, KeyError):
+                        err = ProviderError(ErrorKind.MALFORMED, "anthropic: unexpected stream event shape")
+                        break
+                if batch:
+                    yield StreamDelta(batch)
+                if err is not None:
+                    raise err
             if not stopped:
                 raise ProviderError(ErrorKind.STREAM_CUT, "anthropic: stream ended without message_stop")
             await sse.drain()

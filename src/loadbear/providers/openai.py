@@ -170,37 +170,48 @@ class OpenAIProvider:
                 events = await sse.next_events()
                 if events is None:
                     break
+                # Content of one network read is coalesced into one delta: fewer yields and
+                # fewer downstream writes when the upstream outpaces us.
+                batch = ""
+                err: ProviderError | None = None
                 for _event, data in events:
                     if data == _DONE:
                         done = True
                         break
                     try:
                         obj = loads(data)
+                        choices = obj.get("choices")
+                        if choices:
+                            choice = choices[0]
+                            delta = choice.get("delta")
+                            if delta:
+                                text = delta.get("content")
+                                if text:
+                                    if not parts:
+                                        sse.mark_first()
+                                    parts.append(text)
+                                    batch += text
+                                elif delta.get("reasoning_content") or delta.get("reasoning"):
+                                    sse.mark_first()  # a reasoning token is a token
+                            reason = choice.get("finish_reason")
+                            if reason:
+                                finish = reason
+                        elif obj.get("error"):
+                            err = inband_error(obj["error"], "openai")
+                            break
+                        wire_usage = obj.get("usage")
+                        if wire_usage:
+                            usage = self._map_usage(wire_usage)
                     except orjson.JSONDecodeError:
-                        raise ProviderError(ErrorKind.MALFORMED, "openai: unparseable stream chunk") from None
-                    if not isinstance(obj, dict):
-                        raise ProviderError(ErrorKind.MALFORMED, "openai: stream chunk is not an object")
-                    choices = obj.get("choices")
-                    if choices:
-                        choice = choices[0]
-                        delta = choice.get("delta")
-                        if delta:
-                            text = delta.get("content")
-                            if text:
-                                if not parts:
-                                    sse.mark_first()
-                                parts.append(text)
-                                yield StreamDelta(text)
-                            elif delta.get("reasoning_content") or delta.get("reasoning"):
-                                sse.mark_first()  # a reasoning token is a token
-                        reason = choice.get("finish_reason")
-                        if reason:
-                            finish = reason
-                    elif obj.get("error"):
-                        raise inband_error(obj["error"], "openai")
-                    wire_usage = obj.get("usage")
-                    if wire_usage:
-                        usage = self._map_usage(wire_usage)
+                        err = ProviderError(ErrorKind.MALFORMED, "openai: unparseable stream chunk")
+                        break
+                    except (AttributeError, TypeError, IndexError, KeyError):
+                        err = ProviderError(ErrorKind.MALFORMED, "openai: unexpected stream chunk shape")
+                        break
+                if batch:
+                    yield StreamDelta(batch)
+                if err is not None:
+                    raise err
             if finish is None and not done:
                 raise ProviderError(ErrorKind.STREAM_CUT, "openai: stream ended without a finish reason")
             await sse.drain()

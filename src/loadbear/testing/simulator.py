@@ -354,6 +354,7 @@ class UpstreamSimulator:
         ex.model = record.model or ""
         fault, latency, record.scripted = self._plan.draw(record.model, cfg.fault_rate, cfg.rate_kinds, cfg.latency_ms)
         ex.fault = fault
+        record.latency_ms = latency * 1000.0
         if fault is not None:
             record.fault = fault.kind
             self._ledger.count_fault(fault.kind)

@@ -63,6 +63,7 @@ class RequestRecord:
     stream: bool = False
     fault: str | None = None
     scripted: bool = False
+    latency_ms: float = 0.0  # the sampled delay before the response headers
     status: int | None = None
     ended: float | None = None
     prompt_tokens: int = 0
