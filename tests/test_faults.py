@@ -77,17 +77,65 @@ def make_stack(stack_factory, sim: UpstreamSimulator, tenant: dict | None = None
     return stack_factory(models or fault_models(sim), tenant_settings={**TENANT, **(tenant or {})}, **kw)
 
 
+# One simulator and one default stack per module, reset before every test: starting and
+# stopping a server per test would cost more than the tests themselves.
+
+
+@pytest.fixture(scope="module")
+def shared_simulator():
+    sim = UpstreamSimulator(seed=7).start()
+    yield sim
+    sim.stop()
+
+
 @pytest.fixture
-def fstack(stack_factory, simulator) -> Stack:
-    return make_stack(stack_factory, simulator)
+def simulator(shared_simulator) -> UpstreamSimulator:
+    """Overrides conftest's: the module's simulator, reset to defaults (no script, no records)."""
+    sim = shared_simulator
+    sim.reset()
+    sim.configure(latency_ms=(0, 0), tokens_per_second=None, fault_rate=0.0, faults=None, reply_words=20,
+                  retry_after=1.0, stall_s=60.0)
+    return sim
+
+
+@pytest.fixture(scope="module")
+def shared_stack(shared_simulator, tmp_path_factory):
+    stack = Stack(f"sqlite:///{tmp_path_factory.mktemp('faults') / 'gw.db'}", fault_models(shared_simulator),
+                  tenant_settings=TENANT, retry_policy=FAST_RETRY)
+    yield stack
+    stack.close()
+
+
+@pytest.fixture
+def fstack(shared_stack, simulator) -> Stack:
+    """The module's default stack with an empty ledger and fresh breakers."""
+    stack = shared_stack
+    stack.gateway.ledger.flush(10)
+    with stack.gateway.db.system_tx() as c:
+        c.execute("DELETE FROM ai_attempts")
+        c.execute("DELETE FROM ai_interactions")
+    stack.gateway.breakers.reset()
+    set_replies(simulator)
+    return stack
 
 
 def upstream_calls(sim: UpstreamSimulator) -> list:
     return [r for r in sim.requests if r.path in CHAT_PATHS]
 
 
-def interaction(stack: Stack, interaction_id: str | None = None) -> dict:
+def wait_rows(stack: Stack, n: int = 1, timeout: float = 5.0) -> list[dict]:
+    """The interaction rows, once there are at least ``n`` (a stream's row may land a moment
+    after the client read its last event)."""
+    deadline = time.monotonic() + timeout
     rows = stack.rows()
+    while len(rows) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+        rows = stack.rows()
+    return rows
+
+
+def interaction(stack: Stack, interaction_id: str | None = None) -> dict:
+    rows = wait_rows(stack)
     if interaction_id is None:
         assert len(rows) == 1, rows
         return rows[0]

@@ -68,6 +68,9 @@ async def test_without_context_says_what_it_is() -> None:
     out = await LocalProvider().complete(ask("Write me a poem", context=None), MODEL)
     assert out.text == NO_CONTEXT_ANSWER
     assert "offline" in out.text and "documents" in out.text
+    # retrieval ran and found nothing: that is a "not in the documents"
+    out = await LocalProvider().complete(ask("What is the refund window?", context=[]), MODEL)
+    assert out.text == NOT_FOUND_ANSWER
 
 
 async def test_sources_from_system_message_brackets() -> None:

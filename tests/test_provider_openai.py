@@ -159,6 +159,13 @@ def test_sse_parser_lines_comments_events_multiline() -> None:
     assert p.flush() == [(None, b"[DONE]")]
     p.feed(b"data: cut in the midd")
     assert p.flush() == []
+    # an event name split from its data across reads is kept
+    assert p.feed(b"event: message_delta\n") == []
+    assert p.feed(b"data: {}\n\n") == [(b"message_delta", b"{}")]
+    # the one-event fast paths
+    assert p.feed(b"data: {}\n\n") == [(None, b"{}")]
+    assert p.feed(b"event: ping\ndata: {}\n\n") == [(b"ping", b"{}")]
+    assert p.feed(b"event: ping\n: c\ndata: z\n\n") == [(b"ping", b"z")]
 
 
 def test_retry_after_forms() -> None:
@@ -430,3 +437,65 @@ async def test_task_cancel_releases_upstream(provider, model, sim) -> None:
     sim.configure(tokens_per_second=None)
     text, _ = await collect(provider, REQ, model)
     assert text == REPLY
+
+
+def test_transport_exception_mapping() -> None:
+    import aiohttp
+
+    from loadbear.providers._http import map_exception
+
+    assert map_exception(aiohttp.ConnectionTimeoutError()).kind is ErrorKind.TIMEOUT
+    assert map_exception(aiohttp.ServerDisconnectedError()).kind is ErrorKind.CONNECTION
+    assert map_exception(ConnectionResetError()).kind is ErrorKind.CONNECTION
+    assert map_exception(TimeoutError()).kind is ErrorKind.TIMEOUT
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+def test_one_provider_across_event_loops(sim) -> None:
+    """The session is bound to the loop that made it; a new loop gets a new session (the
+    first loop's pooled sockets, never closed there, are dropped)."""
+    import gc
+
+    provider = OpenAIProvider()
+    model = model_for(sim.url + "/v1")
+    assert asyncio.run(provider.complete(REQ, model)).text == REPLY
+    assert asyncio.run(provider.complete(REQ, model)).text == REPLY
+
+    async def close_and_reuse() -> None:
+        await provider.aclose()
+        assert (await provider.complete(REQ, model)).text == REPLY  # usable after aclose
+        await provider.aclose()
+
+    asyncio.run(close_and_reuse())
+    gc.collect()
+
+
+async def test_connect_timeout(provider) -> None:
+    """A listener whose accept backlog is full never completes the TCP handshake."""
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    port = srv.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            try:
+                filler.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            fillers.append(filler)
+        await asyncio.sleep(0.02)
+        model = model_for(f"http://127.0.0.1:{port}/v1", Timeouts(connect=0.2, first_token=3, idle=3, total=3))
+        t0 = time.perf_counter()
+        with pytest.raises(ProviderError) as info:
+            await provider.complete(REQ, model)
+        if info.value.kind is not ErrorKind.TIMEOUT:
+            pytest.skip(f"this platform does not stall connects on a full backlog: {info.value!r}")
+        assert "connect" in info.value.message and time.perf_counter() - t0 < 1.0
+    finally:
+        for sock in (*fillers, srv):
+            sock.close()

@@ -11,6 +11,7 @@ from loadbear.providers import (
     ChatRequest,
     ErrorKind,
     ModelConfig,
+    Provider,
     ProviderError,
     ProviderRegistry,
     ScriptedProvider,
@@ -142,6 +143,8 @@ async def test_registry_one_instance_per_kind() -> None:
     with pytest.raises(ValueError):
         build_provider("nope")
     for kind in ("openai", "anthropic", "local", "scripted"):
-        assert build_provider(kind).name == kind
+        built = build_provider(kind)
+        assert built.name == kind and isinstance(built, Provider)
+        await built.aclose()
     await reg.aclose()
     await reg2.aclose()

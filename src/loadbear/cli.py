@@ -256,5 +256,85 @@ def usage(
     Console().print(table)
 
 
+def _fetch_providers(url: str, admin_key: Optional[str]) -> list[dict]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url.rstrip("/") + "/admin/providers",
+                                 headers={"Authorization": f"Bearer {admin_key or ''}", "Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())["data"]
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except Exception:  # noqa: BLE001
+            message = str(exc)
+        _fail(f"{url}: HTTP {exc.code}: {message}")
+    except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
+        _fail(f"cannot read {url}/admin/providers: {exc}")
+    return []  # unreachable
+
+
+def _local_providers(settings: Settings) -> tuple[list[dict], str]:
+    from loadbear.config.catalog import Catalog
+    from loadbear.gateway.breaker import BreakerRegistry, breaker_key
+
+    catalog = Catalog.from_settings(settings.models, default_model=settings.default_model)
+    breakers = BreakerRegistry.from_settings(settings)
+    rows = [
+        {"model": m.name, "provider": m.provider, "upstream_model": m.upstream_model, "tier": m.tier,
+         "fallbacks": m.fallbacks, "max_retries": m.max_retries,
+         "timeouts": {"connect": m.timeouts.connect, "first_token": m.timeouts.first_token,
+                      "idle": m.timeouts.idle, "total": m.timeouts.total},
+         **breakers.snapshot(breaker_key(m))}
+        for m in catalog
+    ]
+    if breakers.backend == "redis":
+        note = "breaker state from Redis (LOADBEAR_REDIS_URL), shared by every replica"
+    else:
+        note = ("no LOADBEAR_REDIS_URL: breaker state lives inside each server process; "
+                "use --url to see a running server's")
+    return rows, note
+
+
+@app.command()
+def providers(
+    url: Optional[str] = typer.Option(None, "--url", help="A running server (reads GET /admin/providers)."),
+    admin_key: Optional[str] = typer.Option(None, "--admin-key", help="Admin key (default LOADBEAR_ADMIN_KEY)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
+) -> None:
+    """The model catalog with each model's breaker state, recent error rate and latency."""
+    settings = Settings.load()
+    if url:
+        rows = _fetch_providers(url, admin_key or settings.admin_key)
+        note = f"live from {url}"
+    else:
+        rows, note = _local_providers(settings)
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    colors = {"closed": "green", "open": "red", "half_open": "yellow"}
+    table = Table(title="providers", caption=note)
+    for col in ("model", "provider", "upstream", "tier", "fallbacks", "breaker", "trips", "calls (5 min)",
+                "error rate", "p50 ms", "p95 ms"):
+        table.add_column(col, justify="right" if col in ("trips", "calls (5 min)", "error rate", "p50 ms", "p95 ms") else "left")
+    for r in rows:
+        state = r.get("breaker", "closed")
+        rate = r.get("error_rate")
+        table.add_row(
+            r["model"], r["provider"], str(r.get("upstream_model") or ""), str(r.get("tier") or ""),
+            " → ".join(r.get("fallbacks") or []) or "—",
+            f"[{colors.get(state, 'white')}]{state}[/]", str(r.get("trips", 0)), str(r.get("calls", 0)),
+            "—" if rate is None else f"{rate:.1%}",
+            "—" if r.get("p50_latency_ms") is None else str(r["p50_latency_ms"]),
+            "—" if r.get("p95_latency_ms") is None else str(r["p95_latency_ms"]),
+        )
+    Console(width=160).print(table)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import uuid
+import os
 from contextlib import asynccontextmanager
 from typing import Any, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loadbear.api.responses import JSON, SSEResponse, error_response
@@ -22,15 +23,33 @@ from loadbear.ledger.reports import ReportError, admin_usage, parse_period, tena
 from loadbear.tenancy.models import AuthContext, TenancyError
 from loadbear.tenancy.service import AuthError
 
+try:  # names the route on FastAPI's native telemetry spans, for requests served by BodyLimit
+    from fastapi.telemetry._api import _route_selected
+except ImportError:  # pragma: no cover - older FastAPI
+    _route_selected = None
+
 log = logging.getLogger("loadbear.api")
 
 
 class BodyLimit:
-    """Pure ASGI middleware: refuses bodies over the limit (413) and tags every request with an id."""
+    """Pure ASGI middleware: refuses bodies over the limit (413) and tags every request with an id.
 
-    def __init__(self, app: Any, limit: int) -> None:
+    It also serves the hot routes itself: ``routes`` maps ``(method, path)`` to a
+    ``(endpoint, route)`` pair, and a matching request goes straight to ``endpoint(request)``
+    without the framework's exception middleware, router walk and dependency solving (about a
+    third of the server's CPU per chat request). Errors still get the app's own exception
+    handlers (``handlers``, the app's live dict), looked up by the exception's class like
+    Starlette does, so every error keeps its shape; anything without a handler propagates to the
+    outer ServerErrorMiddleware exactly as before. The route stays registered with FastAPI (for
+    the OpenAPI schema and for any request that does not match here exactly).
+    """
+
+    def __init__(self, app: Any, limit: int, routes: dict[tuple[str, str], tuple[Any, Any]] | None = None,
+                 handlers: dict[Any, Callable[..., Any]] | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.routes = routes or {}
+        self.handlers = handlers if handlers is not None else {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -42,7 +61,7 @@ class BodyLimit:
                 length = v
             elif k == b"x-request-id":
                 request_id = v.decode("latin-1")[:128]
-        scope.setdefault("state", {})["request_id"] = request_id or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id or _new_request_id()
         if length is not None:
             try:
                 too_big = int(length) > self.limit
@@ -63,13 +82,63 @@ class BodyLimit:
             return message
 
         rid = scope["state"]["request_id"].encode()
+        started = False
 
         async def send_with_id(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", rid)]
             await send(message)
 
-        return await self.app(scope, limited_receive, send_with_id)
+        fast = self.routes.get((scope["method"], scope["path"])) if self.routes and not scope.get("root_path") else None
+        if fast is None:
+            return await self.app(scope, limited_receive, send_with_id)
+
+        # The hot path: what Router -> APIRoute -> request_response would do for this endpoint.
+        endpoint, route = fast
+        scope["endpoint"] = endpoint
+        scope["route"] = route
+        scope.setdefault("path_params", {})
+        if _route_selected is not None and scope.get("fastapi.telemetry") is not None:
+            _route_selected(scope=scope, path=scope["path"])
+        request = Request(scope, limited_receive, send_with_id)
+        try:
+            response = await endpoint(request)
+            await response(scope, limited_receive, send_with_id)
+        except Exception as exc:
+            handler = self._handler_for(exc)
+            if handler is None:
+                raise
+            if started:
+                raise RuntimeError("Caught handled exception, but response already started.") from exc
+            if asyncio.iscoroutinefunction(handler):
+                response = await handler(request, exc)
+            else:
+                response = await run_in_threadpool(handler, request, exc)
+            await response(scope, limited_receive, send_with_id)
+
+    def _handler_for(self, exc: Exception) -> Callable[..., Any] | None:
+        # Like Starlette's ExceptionMiddleware: the most specific class wins; the catch-all
+        # ``Exception`` handler belongs to ServerErrorMiddleware (log, 500, re-raise), outside us.
+        handlers = self.handlers
+        if isinstance(exc, StarletteHTTPException) and exc.status_code != 500 and exc.status_code in handlers:
+            return handlers[exc.status_code]
+        for cls in type(exc).__mro__:
+            handler = handlers.get(cls)
+            if handler is not None:
+                return None if cls is Exception else handler
+        return None
+
+
+_urandom = os.urandom
+
+
+def _new_request_id() -> str:
+    """``uuid.uuid4().hex``, five times cheaper (no UUID object)."""
+    n = int.from_bytes(_urandom(16), "big")
+    n = (n & ~(0xF000 << 64) | (0x4000 << 64)) & ~(0xC000 << 48) | (0x8000 << 48)
+    return "%032x" % n
 
 
 def _bearer(request: Request) -> str | None:
@@ -270,5 +339,9 @@ def create_app(gateway: Gateway, own_gateway: bool = False) -> FastAPI:
     async def providers():
         return JSON({"object": "list", "data": gateway.provider_health()})
 
-    app.add_middleware(BodyLimit, limit=gateway.settings.max_body_bytes)
+    # The chat route is served by BodyLimit directly (see there); FastAPI keeps it for the schema.
+    chat_route = next(r for r in app.router.routes if getattr(r, "endpoint", None) is chat_completions)
+    app.add_middleware(BodyLimit, limit=gateway.settings.max_body_bytes,
+                       routes={("POST", "/v1/chat/completions"): (chat_completions, chat_route)},
+                       handlers=app.exception_handlers)
     return app

@@ -288,6 +288,7 @@ class ChatStream:
                 if c.body.include_usage:
                     yield self._usage_chunk(Usage())
                 status = "degraded"
+                c.finish(status)  # the row is written before the client sees the end
                 yield DONE
                 return
             delta = self._first
@@ -307,6 +308,7 @@ class ChatStream:
                     if delta is None:
                         c.state.text_parts = shown
                         status = "error"
+                        c.finish(status)
                         yield _error_event(c.error or mf.error)
                         return
             c.state.text_parts = shown
@@ -315,6 +317,7 @@ class ChatStream:
             if c.body.include_usage:
                 yield self._usage_chunk(c.total_usage())
             status = "ok"
+            c.finish(status)
             yield DONE
         finally:
             if self._upstream is not None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import os
 import time
 from typing import Any
 
@@ -49,7 +50,9 @@ __all__ = [
     "estimate_usage",
 ]
 
-_SLACK = 0.001  # timers may fire a hair early (clock resolution)
+_SLACK = 0.001
+# Set to 1 to honour HTTP(S)_PROXY / NO_PROXY (and .netrc) for upstream calls.
+TRUST_ENV_VAR = "LOADBEAR_UPSTREAM_TRUST_ENV"  # timers may fire a hair early (clock resolution)
 
 
 # --------------------------------------------------------------------------- errors
@@ -181,10 +184,10 @@ def map_exception(exc: BaseException, vendor: str = "upstream") -> ProviderError
         return ProviderError(ErrorKind.CONNECTION, f"{vendor}: server disconnected")
     if isinstance(exc, aiohttp.ClientPayloadError):
         return ProviderError(ErrorKind.CONNECTION, f"{vendor}: response body cut: {exc}")
+    if isinstance(exc, TimeoutError):  # before OSError: TimeoutError is one
+        return ProviderError(ErrorKind.TIMEOUT, f"{vendor}: timeout")
     if isinstance(exc, (aiohttp.ClientError, OSError)):
         return ProviderError(ErrorKind.CONNECTION, f"{vendor}: {type(exc).__name__}: {exc}")
-    if isinstance(exc, TimeoutError):
-        return ProviderError(ErrorKind.TIMEOUT, f"{vendor}: timeout")
     return ProviderError(ErrorKind.CONNECTION, f"{vendor}: {type(exc).__name__}: {exc}")
 
 
@@ -225,18 +228,16 @@ class SSEParser:
     def feed(self, chunk: bytes) -> list[tuple[bytes | None, bytes]]:
         if self._tail:
             chunk = self._tail + chunk
-        elif self._data is None and chunk.endswith(b"\n\n") and b"\r" not in chunk:
+        elif self._data is None and self._event is None and chunk.endswith(b"\n\n") and b"\r" not in chunk:
             # Fast paths for the usual read of exactly one event:
             # "data: X\n\n" (OpenAI) and "event: E\ndata: X\n\n" (Anthropic).
             end = len(chunk) - 2
             first = chunk.find(b"\n")
             if first == end:
                 if chunk.startswith(b"data: "):
-                    self._event = None
                     return [(None, chunk[6:end])]
             elif chunk.startswith(b"event: ") and chunk.find(b"\n", first + 1) == end:
                 if chunk.startswith(b"data: ", first + 1):
-                    self._event = None
                     return [(chunk[7:first], chunk[first + 7 : end])]
         lines = chunk.split(b"\n")
         self._tail = lines.pop()
@@ -371,8 +372,8 @@ class SSEStream:
 
     def _on_timer(self) -> None:
         self._handle = None
-        if self._closed:
-            return
+        if self._closed or self._content.is_eof():
+            return  # everything upstream will send is already here: nothing left to wait for
         now = self._loop.time() + _SLACK
         total = self._total_deadline
         if total is not None and now >= total:
@@ -456,7 +457,11 @@ def _earliest(a: float | None, b: float | None) -> float | None:
 
 
 class HttpClient:
-    """One pooled aiohttp session, bound to the event loop it was created in."""
+    """One pooled aiohttp session, bound to the event loop it was created in.
+
+    ``trust_env``: honour proxy environment variables; default from the
+    ``LOADBEAR_UPSTREAM_TRUST_ENV`` environment variable (off).
+    """
 
     __slots__ = (
         "_session",
@@ -465,15 +470,26 @@ class HttpClient:
         "_keepalive",
         "_vendor",
         "_ctimeouts",
+        "_trust_env",
     )
 
-    def __init__(self, vendor: str = "upstream", *, limit: int = 1024, keepalive_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        vendor: str = "upstream",
+        *,
+        limit: int = 1024,
+        keepalive_timeout: float = 30.0,
+        trust_env: bool | None = None,
+    ) -> None:
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._limit = limit
         self._keepalive = keepalive_timeout
         self._vendor = vendor
         self._ctimeouts: dict[float | None, aiohttp.ClientTimeout] = {}
+        if trust_env is None:
+            trust_env = os.environ.get(TRUST_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
+        self._trust_env = trust_env
 
     def session(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
@@ -495,7 +511,7 @@ class HttpClient:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=None),
             auto_decompress=True,
             raise_for_status=False,
-            trust_env=False,
+            trust_env=self._trust_env,
         )
         self._loop = loop
         return self._session

@@ -81,8 +81,10 @@ class AnthropicProvider:
 
     name = "anthropic"
 
-    def __init__(self, *, limit: int = 1024, keepalive_timeout: float = 30.0) -> None:
-        self._http = HttpClient("anthropic", limit=limit, keepalive_timeout=keepalive_timeout)
+    def __init__(
+        self, *, limit: int = 1024, keepalive_timeout: float = 30.0, trust_env: bool | None = None
+    ) -> None:
+        self._http = HttpClient("anthropic", limit=limit, keepalive_timeout=keepalive_timeout, trust_env=trust_env)
         self._urls: dict[str, str] = {}
 
     # ------------------------------------------------------------------ mapping

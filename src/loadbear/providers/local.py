@@ -34,7 +34,8 @@ provided documents." Otherwise the best 1-3 sentences (those scoring at least
 :data:`KEEP_RATIO` of the best) are quoted in source order, each followed by its citation,
 e.g. ``Refunds are accepted within 30 days of purchase [1].``
 
-Without any context it says what it is. Streams word by word (leading spaces), with no
+Without any context (``context`` None and no sources in the system prompt) it says what it
+is; an empty ``context`` list gets the "couldn't find" answer. Streams word by word (leading spaces), with no
 delay; ``complete`` and ``stream`` give the same text and the same usage (counted offline,
 ``estimated=True``). ``max_tokens`` truncates at a word boundary (finish_reason "length").
 
@@ -272,8 +273,12 @@ def _cite(sentence: str, index: int) -> str:
 
 
 def extract_answer(question: str, context: list[dict[str, Any]] | None) -> str:
-    """The extractive answer to ``question`` from ``context`` (deterministic)."""
-    if not context:
+    """The extractive answer to ``question`` from ``context`` (deterministic).
+
+    ``context=None``: no grounding at all (say what this model is); ``[]``: retrieval was
+    done and found nothing (say it is not in the documents).
+    """
+    if context is None:
         return NO_CONTEXT_ANSWER
     # (order, source number, sentence, term set)
     candidates: list[tuple[int, int, str, frozenset[str]]] = []

@@ -58,8 +58,10 @@ class OpenAIProvider:
 
     name = "openai"
 
-    def __init__(self, *, limit: int = 1024, keepalive_timeout: float = 30.0) -> None:
-        self._http = HttpClient("openai", limit=limit, keepalive_timeout=keepalive_timeout)
+    def __init__(
+        self, *, limit: int = 1024, keepalive_timeout: float = 30.0, trust_env: bool | None = None
+    ) -> None:
+        self._http = HttpClient("openai", limit=limit, keepalive_timeout=keepalive_timeout, trust_env=trust_env)
         self._endpoints: dict[str, _Endpoint] = {}
 
     # ------------------------------------------------------------------ mapping

@@ -23,6 +23,7 @@ __all__ = [
     "count_messages",
     "content_text",
     "truncate_to_tokens",
+    "warm_up",
 ]
 
 DEFAULT_ENCODING = "o200k_base"
@@ -50,6 +51,12 @@ def get_encoder(encoding: str = DEFAULT_ENCODING) -> Any:
             enc = quicktok.get_encoding(DEFAULT_ENCODING)
         _ENCODERS[encoding] = enc
     return enc
+
+
+def warm_up(*encodings: str) -> None:
+    """Load encoders ahead of the first request (loading o200k_base takes ~1 s)."""
+    for encoding in encodings or (DEFAULT_ENCODING,):
+        get_encoder(encoding)
 
 
 def count_text(text: str, encoding: str = DEFAULT_ENCODING) -> int:
