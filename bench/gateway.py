@@ -95,6 +95,34 @@ def proc_cpu(pid: int) -> float:
     return (int(fields_[11]) + int(fields_[12])) / CLK_TCK
 
 
+def thread_cpu(pid: int) -> tuple[float, float]:
+    """(main thread, all other threads) CPU seconds of a process."""
+    main = proc_cpu(pid)
+    try:
+        with open(f"/proc/{pid}/task/{pid}/stat", "rb") as fh:
+            raw = fh.read()
+        f = raw[raw.rindex(b")") + 2:].split()
+        only_main = (int(f[11]) + int(f[12])) / CLK_TCK
+    except OSError:
+        return main, 0.0
+    return only_main, max(0.0, main - only_main)
+
+
+def core_times(core: int) -> tuple[float, float]:
+    """(busy, total) seconds of one CPU core, from /proc/stat (all processes)."""
+    try:
+        with open("/proc/stat") as fh:
+            for line in fh:
+                if line.startswith(f"cpu{core} "):
+                    v = [int(x) for x in line.split()[1:]]
+                    idle = v[3] + (v[4] if len(v) > 4 else 0)
+                    total = sum(v[:8])
+                    return (total - idle) / CLK_TCK, total / CLK_TCK
+    except OSError:
+        pass
+    return 0.0, 0.0
+
+
 def proc_mem(pid: int) -> dict[str, float]:
     """VmRSS and VmHWM in MiB."""
     out = {}
@@ -324,6 +352,12 @@ class Phase:
     sim_cpu_ms: float | None = None        # the simulator's CPU per request
     client_cpu_ms: float | None = None     # the load generator's CPU per request
     server_mem: dict[str, float] | None = None
+    server_loop_cpu_ms: float | None = None     # ... of which the event-loop (main) thread
+    server_threads_cpu_ms: float | None = None  # ... and the other threads (ledger writer, to_thread)
+    server_core_busy_pct: float | None = None   # the server's core, busy with anything
+    server_core_foreign_pct: float | None = None  # ... busy with processes other than loadbear
+    client_core_busy_pct: float | None = None
+    client_core_foreign_pct: float | None = None  # busy with other than the simulator + generator
 
     @property
     def key(self) -> str:
@@ -406,6 +440,9 @@ class Bench:
                 ttfbs.append(first - t0)
 
         server0 = proc_cpu(self.server_pid) if target.name == "loadbear" else None
+        threads0 = thread_cpu(self.server_pid) if target.name == "loadbear" else None
+        srv_all0 = proc_cpu(self.server_pid)
+        core_s0, core_c0 = core_times(args.server_core), core_times(args.client_core)
         sim0 = proc_cpu(self.sim_pid)
         me0 = self_cpu()
         start = time.perf_counter()
@@ -414,10 +451,22 @@ class Bench:
         elapsed = time.perf_counter() - start
         me1 = self_cpu()
         sim1 = proc_cpu(self.sim_pid)
+        srv_all1 = proc_cpu(self.server_pid)
+        core_s1, core_c1 = core_times(args.server_core), core_times(args.client_core)
         done = len(latencies) + len(errors)
         if server0 is not None:
-            phase.server_cpu_ms = round((proc_cpu(self.server_pid) - server0) * 1000 / max(done, 1), 3)
+            phase.server_cpu_ms = round((srv_all1 - server0) * 1000 / max(done, 1), 3)
+            threads1 = thread_cpu(self.server_pid)
+            phase.server_loop_cpu_ms = round((threads1[0] - threads0[0]) * 1000 / max(done, 1), 3)
+            phase.server_threads_cpu_ms = round((threads1[1] - threads0[1]) * 1000 / max(done, 1), 3)
             phase.server_mem = proc_mem(self.server_pid)
+        wall_s = max(core_s1[1] - core_s0[1], 1e-9)
+        wall_c = max(core_c1[1] - core_c0[1], 1e-9)
+        phase.server_core_busy_pct = round(100 * (core_s1[0] - core_s0[0]) / wall_s, 1)
+        phase.server_core_foreign_pct = round(100 * max(0.0, (core_s1[0] - core_s0[0]) - (srv_all1 - srv_all0)) / wall_s, 1)
+        phase.client_core_busy_pct = round(100 * (core_c1[0] - core_c0[0]) / wall_c, 1)
+        phase.client_core_foreign_pct = round(
+            100 * max(0.0, (core_c1[0] - core_c0[0]) - (sim1 - sim0) - (me1 - me0)) / wall_c, 1)
         phase.sim_cpu_ms = round((sim1 - sim0) * 1000 / max(done, 1), 3)
         phase.client_cpu_ms = round((me1 - me0) * 1000 / max(done, 1), 3)
         for c in conns:
@@ -519,16 +568,21 @@ def markdown(result: dict[str, Any]) -> str:
         "(non-streamed) or the first content event (streamed, 20 chunks). "
         "Server CPU is loadbear's whole-process utime+stime per request.",
         "",
-        "| target | scenario | requests | req/s | p50 | p99 | TTFB p50 | TTFB p99 | errors | server CPU ms/req "
-        "| server RSS / peak MiB | generator CPU ms/req | simulator CPU ms/req |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| target | scenario | requests | req/s | p50 | p99 | TTFB p50 | TTFB p99 | errors "
+        "| server CPU ms/req (loop + threads) | server RSS / peak MiB | server core busy % (others) "
+        "| client core busy % (others) | generator CPU ms/req | simulator CPU ms/req |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for p in result["phases"]:
         mem = p["server_mem"]
+        cpu = "—" if p["server_cpu_ms"] is None else (
+            f"{p['server_cpu_ms']:.3f} ({p['server_loop_cpu_ms']:.3f} + {p['server_threads_cpu_ms']:.3f})")
         lines.append(
             f"| {p['target']} | {p['mode']} c={p['concurrency']} | {p['requests']:,} | {p['rps']:,.0f} | "
             f"{p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['ttfb_p50_ms']:.2f} | {p['ttfb_p99_ms']:.2f} | {p['errors']} | "
-            f"{fmt(p['server_cpu_ms'], 3)} | {(str(mem['rss_mib']) + ' / ' + str(mem['hwm_mib'])) if mem else '—'} | "
+            f"{cpu} | {(str(mem['rss_mib']) + ' / ' + str(mem['hwm_mib'])) if mem else '—'} | "
+            f"{p['server_core_busy_pct']:.0f} ({p['server_core_foreign_pct']:.0f}) | "
+            f"{p['client_core_busy_pct']:.0f} ({p['client_core_foreign_pct']:.0f}) | "
             f"{fmt(p['client_cpu_ms'], 3)} | {fmt(p['sim_cpu_ms'], 3)} |"
         )
     lines += [
@@ -573,14 +627,17 @@ def write_docs(section: str, path: Path = DOCS) -> None:
 
 def print_table(result: dict[str, Any]) -> None:
     hdr = f"{'target':9} {'scenario':16} {'reqs':>7} {'req/s':>7} {'p50':>7} {'p99':>7} {'ttfb50':>7} {'ttfb99':>7} " \
-          f"{'err':>4} {'srvCPU':>7} {'genCPU':>7} {'simCPU':>7} {'RSS':>6}"
+          f"{'err':>4} {'srvCPU':>7} {'(loop':>6} {'+thr)':>6} {'genCPU':>7} {'simCPU':>7} {'RSS':>6} {'srvcore':>7} {'other':>6} " \
+          f"{'clicore':>7} {'other':>6}"
     print(hdr)
     for p in result["phases"]:
         mem = p["server_mem"]
         print(f"{p['target']:9} {p['mode'] + ' c=' + str(p['concurrency']):16} {p['requests']:>7} {p['rps']:>7.0f} "
               f"{p['p50_ms']:>7.2f} {p['p99_ms']:>7.2f} {p['ttfb_p50_ms']:>7.2f} {p['ttfb_p99_ms']:>7.2f} {p['errors']:>4} "
-              f"{fmt(p['server_cpu_ms'], 3):>7} {fmt(p['client_cpu_ms'], 3):>7} {fmt(p['sim_cpu_ms'], 3):>7} "
-              f"{(str(mem['rss_mib'])) if mem else '—':>6}")
+              f"{fmt(p['server_cpu_ms'], 3):>7} {fmt(p['server_loop_cpu_ms'], 3):>6} {fmt(p['server_threads_cpu_ms'], 3):>6} "
+              f"{fmt(p['client_cpu_ms'], 3):>7} {fmt(p['sim_cpu_ms'], 3):>7} "
+              f"{(str(mem['rss_mib'])) if mem else '—':>6} {p['server_core_busy_pct']:>7.0f} {p['server_core_foreign_pct']:>6.0f} "
+              f"{p['client_core_busy_pct']:>7.0f} {p['client_core_foreign_pct']:>6.0f}")
         for e in p["error_samples"]:
             print(f"    error: {e}")
     print()

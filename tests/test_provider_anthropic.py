@@ -303,7 +303,8 @@ async def test_malformed_and_inband(provider, model, sim) -> None:
 async def test_consumer_close_releases_upstream(provider, model, sim) -> None:
     sim.configure(tokens_per_second=20)
     agen = provider.stream(REQ, model)
-    assert (await agen.__anext__()).text == "Foxes"
+    first = (await agen.__anext__()).text
+    assert first.startswith("Foxes") and REPLY.startswith(first)
     await agen.aclose()
     assert acquired(provider) == 0
     deadline = time.monotonic() + 2

@@ -358,11 +358,11 @@ async def test_idle_and_total_timeouts(provider, sim) -> None:
     assert err.kind is ErrorKind.IDLE_TIMEOUT
     if text:
         assert err.usage.completion_tokens == count_text(text)
-    model = model_for(sim.url + "/v1", Timeouts(connect=2, first_token=2, idle=2, total=0.4))
+    model = model_for(sim.url + "/v1", Timeouts(connect=2, first_token=2, idle=2, total=0.6))
     t0 = time.perf_counter()
     text, err = await stream_error(provider, REQ, model)
     assert err.kind is ErrorKind.TIMEOUT and text and err.usage is not None
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < 1.5
     with pytest.raises(ProviderError) as info:
         await provider.complete(REQ, model)
     assert info.value.kind is ErrorKind.TIMEOUT
@@ -411,7 +411,8 @@ async def test_consumer_close_releases_upstream(provider, model, sim) -> None:
     agen = provider.stream(REQ, model)
     first = await agen.__anext__()
     second = await agen.__anext__()
-    assert first.text + second.text == "The quick"
+    # pieces that arrive in one network read are coalesced: granularity may vary
+    assert REPLY.startswith(first.text + second.text) and first.text.startswith("The")
     await agen.aclose()
     assert acquired(provider) == 0
     assert await _wait_disconnect(sim)

@@ -123,6 +123,89 @@ def simulate(
     sim_main(argv)
 
 
+SUPPORTED_SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm", ".pdf", ".docx")
+
+
+@app.command()
+def ingest(
+    paths: list[str] = typer.Argument(..., help="Files and folders to ingest (folders recursively)."),
+    tenant: str = typer.Option(..., "--tenant", help="Tenant slug."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Ingest files into a tenant's knowledge base; one bad file never stops the rest."""
+    from pathlib import Path
+
+    from rich.progress import Progress
+
+    from loadbear.knowledge.types import KnowledgeError
+    from loadbear.tenancy.models import TenancyError
+
+    # (file, external id): a folder's files are named relative to the folder, so re-ingesting
+    # the same folder from anywhere replaces the same documents.
+    files: list[tuple[Path, str]] = []
+    missing: list[str] = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            files.extend((f, f.relative_to(path).as_posix()) for f in sorted(path.rglob("*"))
+                         if f.is_file() and f.suffix.lower() in SUPPORTED_SUFFIXES)
+        elif path.is_file():
+            files.append((path, path.name))
+        else:
+            missing.append(p)
+    gw = _gateway()
+    results: list[dict] = [{"path": m, "ok": False, "error": "no such file or folder"} for m in missing]
+    try:
+        gw.migrate()
+        try:
+            t = gw.tenants.get_tenant(tenant)
+        except TenancyError as exc:
+            _fail(exc.message, 2)
+        with Progress(transient=True, disable=as_json) as progress:
+            task = progress.add_task("ingesting", total=len(files))
+            for f, external_id in files:
+                progress.update(task, description=f"ingesting {external_id}")
+                try:
+                    doc = gw.knowledge.ingest_file(t.id, filename=f.name, data=f.read_bytes(),
+                                                   external_id=external_id, source_url=f"file://{f.resolve()}")
+                    results.append({"path": str(f), "ok": True, "document_id": doc.id, "chunks": doc.chunk_count,
+                                    "version": doc.version})
+                except KnowledgeError as exc:
+                    results.append({"path": str(f), "ok": False, "error": f"{exc.code}: {exc.message}"})
+                except OSError as exc:
+                    results.append({"path": str(f), "ok": False, "error": f"unreadable: {exc}"})
+                progress.advance(task)
+    finally:
+        gw.close()
+    ok = [r for r in results if r["ok"]]
+    failed = [r for r in results if not r["ok"]]
+    if as_json:
+        typer.echo(json.dumps({"ingested": len(ok), "failed": len(failed), "files": results}))
+    else:
+        for r in failed:
+            typer.secho(f"  ✗ {r['path']}: {r['error']}", fg=typer.colors.RED, err=True)
+        typer.echo(f"ingested {len(ok)} file(s) into {tenant} ({sum(r['chunks'] for r in ok)} chunks), "
+                   f"{len(failed)} failed")
+    if failed and not ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def reembed(tenant: str = typer.Option(..., "--tenant", help="Tenant slug.")) -> None:
+    """Re-embed a tenant's chunks with the configured embedding model."""
+    from loadbear.tenancy.models import TenancyError
+
+    gw = _gateway()
+    try:
+        t = gw.tenants.get_tenant(tenant)
+        n = gw.knowledge.reembed(t.id)
+    except TenancyError as exc:
+        _fail(exc.message, 2)
+    finally:
+        gw.close()
+    typer.echo(f"re-embedded {n} chunk(s) for {tenant} with {gw.knowledge.embedder.name}")
+
+
 @tenants_app.command("create")
 def tenants_create(
     slug: str,

@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loadbear.api.knowledge_routes import add_knowledge_routes
 from loadbear.api.responses import JSON, SSEResponse, error_response
 from loadbear.gateway.chat import ChatStream
 from loadbear.gateway.core import Gateway
@@ -45,15 +46,20 @@ class BodyLimit:
     """
 
     def __init__(self, app: Any, limit: int, routes: dict[tuple[str, str], tuple[Any, Any]] | None = None,
-                 handlers: dict[Any, Callable[..., Any]] | None = None) -> None:
+                 handlers: dict[Any, Callable[..., Any]] | None = None, upload_limit: int | None = None,
+                 upload_prefix: str = "/v1/documents") -> None:
         self.app = app
         self.limit = limit
+        # Document uploads are legitimately larger than chat bodies.
+        self.upload_limit = upload_limit or limit
+        self.upload_prefix = upload_prefix
         self.routes = routes or {}
         self.handlers = handlers if handlers is not None else {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.upload_limit if scope["path"].startswith(self.upload_prefix) else self.limit
         request_id = None
         length = None
         for k, v in scope["headers"]:
@@ -64,13 +70,12 @@ class BodyLimit:
         scope.setdefault("state", {})["request_id"] = request_id or _new_request_id()
         if length is not None:
             try:
-                too_big = int(length) > self.limit
+                too_big = int(length) > limit
             except ValueError:
                 too_big = True
             if too_big:
-                return await error_response(body_too_large(self.limit))(scope, receive, send)
+                return await error_response(body_too_large(limit))(scope, receive, send)
         seen = 0
-        limit = self.limit
 
         async def limited_receive():
             nonlocal seen
@@ -339,9 +344,12 @@ def create_app(gateway: Gateway, own_gateway: bool = False) -> FastAPI:
     async def providers():
         return JSON({"object": "list", "data": gateway.provider_health()})
 
+    add_knowledge_routes(app, gateway, scope)
+
     # The chat route is served by BodyLimit directly (see there); FastAPI keeps it for the schema.
     chat_route = next(r for r in app.router.routes if getattr(r, "endpoint", None) is chat_completions)
     app.add_middleware(BodyLimit, limit=gateway.settings.max_body_bytes,
                        routes={("POST", "/v1/chat/completions"): (chat_completions, chat_route)},
-                       handlers=app.exception_handlers)
+                       handlers=app.exception_handlers,
+                       upload_limit=gateway.settings.max_upload_bytes + 64 * 1024)
     return app

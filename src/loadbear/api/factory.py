@@ -14,4 +14,8 @@ def build_app():
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     gateway = Gateway.from_settings(settings)
     gateway.migrate()
+    # Load the tokenizer now (1-3 s) rather than on the first request that needs an estimate.
+    from loadbear.providers.tokens import warm_up
+
+    warm_up()
     return create_app(gateway, own_gateway=True)

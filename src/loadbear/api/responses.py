@@ -38,6 +38,11 @@ class SSEResponse(Response):
 
     A watcher task listens for ``http.disconnect``; when the client goes away mid-stream it
     cancels the streaming task, which closes the upstream call and records ``cancelled``.
+
+    Chunks the stream produces back to back (several upstream events that arrived in one read)
+    go out in one write: nothing waits for more, a chunk is only held while the next one is
+    already being produced without waiting for I/O. Under load this saves most of the
+    per-chunk send cost (one ASGI send and one syscall per chunk).
     """
 
     def __init__(self, stream: ChatStream) -> None:
@@ -63,9 +68,27 @@ class SSEResponse(Response):
         headers = [(k.encode(), v.encode()) for k, v in {**SSE_HEADERS, **self.stream.headers}.items()]
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            async for chunk in self.stream.body():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            anext_ = self.stream.body().__anext__
+            parts: list[bytes] = []
+            while True:
+                step = anext_()
+                try:
+                    # Run the stream until it has a chunk or must wait for I/O.
+                    pending = step.send(None)
+                except StopIteration as ready:
+                    parts.append(ready.value)
+                    continue
+                except StopAsyncIteration:
+                    break
+                # It waits: first send what is ready, then wait along with it.
+                if parts:
+                    await send({"type": "http.response.body", "body": b"".join(parts), "more_body": True})
+                    parts = []
+                try:
+                    parts.append(await _Resume(step, pending))
+                except StopAsyncIteration:
+                    break
+            await send({"type": "http.response.body", "body": b"".join(parts), "more_body": False})
         except asyncio.CancelledError:
             if not self.disconnected:
                 raise
@@ -77,3 +100,37 @@ class SSEResponse(Response):
             watcher.cancel()
             # Idempotent: records "cancelled" only if the body never got to record its outcome.
             await self.stream.abort()
+
+
+class _Resume:
+    """Awaits the rest of a coroutine that was stepped by hand and is now waiting on ``pending``.
+
+    Passes what it yields to the task and what the task sends or throws (cancellation) back
+    in, i.e. ``yield from`` for a coroutine that already made its first step.
+    """
+
+    __slots__ = ("_coro", "_pending")
+
+    def __init__(self, coro: Any, pending: Any) -> None:
+        self._coro = coro
+        self._pending = pending
+
+    def __await__(self):
+        coro, pending = self._coro, self._pending
+        self._coro = self._pending = None
+        while True:
+            try:
+                value = yield pending
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # thrown in by the task, e.g. CancelledError
+                try:
+                    pending = coro.throw(exc)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    pending = coro.send(value)
+                except StopIteration as done:
+                    return done.value

@@ -37,6 +37,13 @@ class Settings:
     pg_app_role: str = "loadbear_app"
     db_pool_size: int = 10
     log_level: str = "info"
+    # Knowledge base: the embedding model ("all-MiniLM-L6-v2", offline, or a catalog model
+    # served by an OpenAI-compatible /embeddings endpoint), chunk size in tokens and overlap.
+    embedding_model: str = "all-MiniLM-L6-v2"
+    chunk_tokens: int = 350
+    chunk_overlap: float = 0.15
+    max_upload_bytes: int = 20 * 1024 * 1024
+    inline_ingest_max_bytes: int = 256 * 1024
     # Reliability. Every request gets at most this long across all its attempts (retries and
     # fallbacks included); each attempt's own timeouts are clamped to what is left.
     request_deadline_s: float = 60.0

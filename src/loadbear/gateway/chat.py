@@ -22,6 +22,7 @@ from loadbear.gateway.executor import (
     MidStreamFailure,
     continuation_request,
 )
+from loadbear.gateway.grounding import Grounding, parse_knowledge
 from loadbear.gateway.validation import ChatBody
 from loadbear.ledger.records import InteractionRecord
 from loadbear.providers.base import ChatRequest, ModelConfig, ProviderError, StreamDelta, Usage
@@ -61,7 +62,11 @@ class ChatCall:
     error: ProviderError | None = None
     # Mid-stream failures that another model continued (tenant setting allow_continuation).
     continuations: list[dict[str, Any]] = field(default_factory=list)
+    # Retrieved sources when the request is grounded in the tenant's knowledge base.
+    grounding: Grounding | None = None
     _recorded: bool = False
+    _request: ChatRequest | None = None
+    _knowledge: Any = None
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -81,11 +86,35 @@ class ChatCall:
                            type="permission_error", code="model_not_allowed", param="model")
         chain = gw.catalog.chain(name, settings.fallback_overrides or None)
         self.chain = [m for m in chain if settings.allows(m.name)]
+        # Validate the knowledge request now, so a bad one is a 400 before any work.
+        self._knowledge = parse_knowledge(self.body.knowledge, settings.knowledge_features.get(self.feature))
+
+    async def retrieve(self) -> None:
+        """Ground the request in the tenant's knowledge base when asked to (or by feature default)."""
+        kr = self._knowledge
+        if kr is None:
+            return
+        question = next((m["content"] for m in reversed(self.body.messages) if m["role"] == "user"), "")
+        if not question.strip():
+            self.grounding = Grounding([])
+            return
+        from loadbear.knowledge.types import KnowledgeError
+
+        try:
+            chunks = await asyncio.to_thread(self.gateway.knowledge.query, self.auth.tenant_id, question[:4000],
+                                             kr.top_k, kr.filters)
+        except KnowledgeError as exc:
+            raise ApiError(exc.status, exc.message, code=exc.code, param=f"knowledge.{exc.param}" if exc.param else "knowledge") from None
+        self.grounding = Grounding(chunks)
 
     def chat_request(self) -> ChatRequest:
-        b = self.body
-        return ChatRequest(messages=b.messages, temperature=b.temperature, top_p=b.top_p,
-                           max_tokens=b.max_tokens, stop=b.stop, user=b.user)
+        if self._request is None:
+            b = self.body
+            g = self.grounding
+            self._request = ChatRequest(
+                messages=g.messages(b.messages) if g else b.messages, temperature=b.temperature, top_p=b.top_p,
+                max_tokens=b.max_tokens, stop=b.stop, user=b.user, context=g.context() if g else None)
+        return self._request
 
     @property
     def deadline(self) -> float:
@@ -169,6 +198,7 @@ class ChatCall:
             "cached": False,
             "attempts": len(st.attempts),
             **({"continued": len(self.continuations)} if self.continuations else {}),
+            **({"citations": self.grounding.citations()} if self.grounding is not None else {}),
         }
 
     def headers(self, degraded: bool = False) -> dict[str, str]:
@@ -226,6 +256,7 @@ class ChatCall:
             error_type=(self.degraded_reason if status == "degraded" else (err.kind.value if err else None))
             if status != "ok" else None,
             http_status=err.status if err and status != "ok" else None,
+            retrieved_chunk_ids=self.grounding.chunk_ids() if self.grounding is not None else None,
             prompt_text=_prompt_text(self.body.messages) if settings.store_content else None,
             response_text=text if settings.store_content else None,
             metadata={**self.body.metadata, **({"skipped": st.skipped} if st.skipped else {}),
@@ -287,6 +318,8 @@ class ChatStream:
                 yield self._chunk({}, "stop", {"loadbear": {**c.meta(), "degraded": True}})
                 if c.body.include_usage:
                     yield self._usage_chunk(Usage())
+                if c.grounding is not None:
+                    yield self._citations_chunk()
                 status = "degraded"
                 c.finish(status)  # the row is written before the client sees the end
                 yield DONE
@@ -316,6 +349,8 @@ class ChatStream:
                               {"loadbear": c.meta()} if c.continuations else None)
             if c.body.include_usage:
                 yield self._usage_chunk(c.total_usage())
+            if c.grounding is not None:
+                yield self._citations_chunk()
             status = "ok"
             c.finish(status)
             yield DONE
@@ -358,6 +393,16 @@ class ChatStream:
         if first is None:  # an empty continuation: the answer simply ends here
             return StreamDelta("", c.state.finish_reason or "stop")
         return first
+
+    def _citations_chunk(self) -> bytes:
+        """The sources of a grounded answer, as the last event before [DONE]. A chunk with no
+        choices (like the usage chunk), so OpenAI clients pass it through untouched."""
+        chunk = {
+            "id": self.call.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.call.served_name, "choices": [],
+            "loadbear": {"citations": self.call.grounding.citations()},
+        }
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
     def _usage_chunk(self, usage: Usage) -> bytes:
         chunk = {

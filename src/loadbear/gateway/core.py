@@ -54,6 +54,7 @@ class Gateway:
         self.executor = Executor(self.providers, self.breakers, retry_policy or RetryPolicy.from_settings(settings))
         self.tenants = TenantService(self.db, settings.tenant_defaults, settings.auth_cache_seconds)
         self._ledger: LedgerWriter | None = None
+        self._knowledge = None
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **kwargs: Any) -> "Gateway":
@@ -83,7 +84,31 @@ class Gateway:
         await self.breakers.aclose()
         self.close()
 
+    @property
+    def knowledge(self):
+        """The tenant knowledge bases (created on first use: chat-only callers never load a model)."""
+        if self._knowledge is None:
+            from loadbear.knowledge.embeddings import get_embedder
+            from loadbear.knowledge.service import KnowledgeService, KnowledgeSettings
+
+            s = self.settings
+            self._knowledge = KnowledgeService(
+                self.db,
+                lambda: get_embedder(s.embedding_model, self.catalog),
+                KnowledgeSettings(chunk_tokens=s.chunk_tokens, chunk_overlap=s.chunk_overlap,
+                                  max_upload_bytes=s.max_upload_bytes,
+                                  inline_max_bytes=s.inline_ingest_max_bytes),
+                on_change=self.knowledge_changed,
+            )
+        return self._knowledge
+
+    def knowledge_changed(self, tenant_id: str) -> None:
+        """A tenant's documents changed. The cache issue invalidates grounded answers here."""
+
     def close(self) -> None:
+        if self._knowledge is not None:
+            self._knowledge.close()
+            self._knowledge = None
         if self._ledger is not None:
             self._ledger.close()
             self._ledger = None
@@ -107,6 +132,7 @@ class Gateway:
                    request_id: str | None = None) -> ChatResult | ChatStream:
         """Answer one chat request: a :class:`ChatResult`, or a started :class:`ChatStream`."""
         call = self.new_call(auth, body, feature, request_id)
+        await call.retrieve()
         if body.stream:
             return await call.open_stream()
         return await call.complete()

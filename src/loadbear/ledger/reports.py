@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 from loadbear.storage.db import Database
@@ -32,21 +32,34 @@ class ReportError(ValueError):
 
 
 def parse_period(from_: str | None, to: str | None, today: date | None = None) -> tuple[date, date]:
-    """Inclusive UTC days. Defaults: the last 30 days up to today."""
-    today = today or date.today()
-    try:
-        end = date.fromisoformat(to[:10]) if to else today
-    except ValueError:
-        raise ReportError(f"'to' must be a date like 2026-01-31, got {to!r}", "to") from None
-    try:
-        start = date.fromisoformat(from_[:10]) if from_ else end - timedelta(days=29)
-    except ValueError:
-        raise ReportError(f"'from' must be a date like 2026-01-01, got {from_!r}", "from") from None
+    """Inclusive UTC days. Defaults: the last 30 days up to today (UTC).
+
+    Accepts a date (``2026-01-31``) or an ISO 8601 date-time (``2026-01-31T18:00:00Z``; one with
+    an offset counts on its UTC day), nothing else.
+    """
+    today = today or datetime.now(timezone.utc).date()
+    end = _parse_day(to, "to", "2026-01-31") if to else today
+    start = _parse_day(from_, "from", "2026-01-01") if from_ else end - timedelta(days=29)
     if start > end:
         raise ReportError("'from' must not be after 'to'", "from")
     if (end - start).days > 366 * 2:
         raise ReportError("a report spans at most two years", "from")
     return start, end
+
+
+def _parse_day(value: str, param: str, example: str) -> date:
+    text = value.strip() if isinstance(value, str) else ""
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ReportError(f"'{param}' must be a date like {example}, got {value!r}", param) from None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc)
+    return moment.date()
 
 
 def tenant_usage(db: Database, tenant_id: str, start: date, end: date, group_by: str = "day") -> dict[str, Any]:

@@ -300,6 +300,8 @@ class SSEStream:
         "_closed",
         "_reusable",
         "_vendor",
+        "_proto",
+        "_connector",
     )
 
     def __init__(
@@ -310,8 +312,16 @@ class SSEStream:
         total_deadline: float | None,
         idle: float | None,
         vendor: str = "upstream",
+        connector: Any = None,
     ) -> None:
         self.resp = resp
+        # The protocol (the pooled connection); read from the response because aiohttp may
+        # already have released the connection if the whole body arrived with the headers.
+        proto = getattr(resp, "_protocol", None)
+        if proto is None and resp.connection is not None:
+            proto = resp.connection.protocol
+        self._proto = proto
+        self._connector = connector
         self._content = resp.content
         self._parser = SSEParser()
         self._loop = loop
@@ -434,15 +444,18 @@ class SSEStream:
             self._handle = None
         if self._reusable and self._content.at_eof() and self._content.exception() is None:
             self.resp.release()
-        else:
-            self.resp.close()
-
-
-async def _settle() -> None:
-    """On a failed stream: one loop turn, so a connection the upstream is hanging up on
-    (already auto-released to the pool by aiohttp at end of body) is seen as closed before
-    the caller's immediate retry could pick it from the pool."""
-    await asyncio.sleep(0)
+            return
+        self.resp.close()
+        # aiohttp hands a connection back to the pool by itself as soon as the body ends,
+        # even if what the body said was a failure (an in-band error, garbage). Upstreams
+        # often hang up right after such a body; an immediate retry would pick the dying
+        # connection from the pool and fail with CONNECTION. If it is still idle in the
+        # pool (nobody re-acquired it), close it now.
+        proto = self._proto
+        if proto is not None and proto.is_connected():
+            acquired = getattr(self._connector, "_acquired", None)
+            if acquired is not None and proto not in acquired:
+                proto.close()
 
 
 def _earliest(a: float | None, b: float | None) -> float | None:
@@ -605,7 +618,7 @@ class HttpClient:
             if resp is not None:
                 resp.close()
             raise
-        return 200, resp.headers, SSEStream(resp, loop, first, total, timeouts.idle, self._vendor)
+        return 200, resp.headers, SSEStream(resp, loop, first, total, timeouts.idle, self._vendor, session.connector)
 
     async def aclose(self) -> None:
         session, self._session = self._session, None

@@ -24,7 +24,6 @@ import orjson
 
 from ._http import (
     HttpClient,
-    _settle,
     SSEStream,
     estimate_usage,
     inband_error,
@@ -274,8 +273,6 @@ class AnthropicProvider:
         except ProviderError as exc:
             if exc.usage is None and parts:
                 exc.usage = self._estimate(request, model, "".join(parts), start_usage)
-            sse.close()
-            await _settle()
             raise
         finally:
             sse.close()

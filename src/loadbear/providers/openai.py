@@ -25,7 +25,6 @@ import orjson
 
 from ._http import (
     HttpClient,
-    _settle,
     SSEStream,
     estimate_usage,
     inband_error,
@@ -220,8 +219,6 @@ class OpenAIProvider:
         except ProviderError as exc:
             if exc.usage is None and parts:
                 exc.usage = estimate_usage(request.messages, "".join(parts), model.tokenizer)
-            sse.close()
-            await _settle()
             raise
         finally:
             sse.close()

@@ -20,6 +20,7 @@ from typing import Any, Iterator, Sequence
 from urllib.parse import urlparse
 
 import sqlean as sqlite3
+import sqlite_vec
 
 Row = dict[str, Any]
 
@@ -118,6 +119,11 @@ class SQLiteDatabase(Database):
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=30000")
             conn.execute("PRAGMA cache_size=-65536")
+            # sqlite-vec backs the knowledge base's vectors (vec0 tables); every connection
+            # needs it because any of them may touch those tables.
+            conn.enable_load_extension(True)
+            sqlite_vec.load(conn)
+            conn.enable_load_extension(False)
             self._local.conn = conn
             with self._lock:
                 self._all.append(conn)

@@ -45,6 +45,9 @@ class TenantSettings:
     # After the first token, a failing stream may continue on another model instead of ending
     # with an error event. Off by default: a spliced answer can read oddly.
     allow_continuation: bool = False
+    # Grounding by default for a feature: {"helpdesk": {"top_k": 5}} retrieves from the tenant's
+    # knowledge base for every request of that feature that does not say otherwise.
+    knowledge_features: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "TenantSettings":
@@ -69,6 +72,11 @@ class TenantSettings:
             raise TenancyError("store_content must be true or false", param="settings.store_content")
         if not isinstance(self.fallback_message, str) or not self.fallback_message.strip():
             raise TenancyError("fallback_message must be a non-empty string", param="settings.fallback_message")
+        if not isinstance(self.knowledge_features, dict) or not all(
+            isinstance(v, dict) for v in self.knowledge_features.values()
+        ):
+            raise TenancyError("knowledge_features must map a feature to an object like {\"top_k\": 5}",
+                               param="settings.knowledge_features")
         if not isinstance(self.fallback_overrides, dict):
             raise TenancyError("fallback_overrides must map a model to a list of models", param="settings.fallback_overrides")
 

@@ -59,7 +59,7 @@ class TenantService:
     # -- tenants -----------------------------------------------------------------------
 
     def create_tenant(self, slug: str, name: str | None = None, settings: dict[str, Any] | None = None) -> Tenant:
-        if not isinstance(slug, str) or not SLUG_RE.match(slug):
+        if not isinstance(slug, str) or not SLUG_RE.fullmatch(slug):
             raise TenancyError(
                 "slug must be 2-63 characters of lowercase letters, digits and '-', starting with a letter or digit",
                 param="slug",

@@ -1,0 +1,110 @@
+-- The knowledge base: documents, their chunks, the chunks' vectors and full text, under RLS.
+--
+-- Vectors live in their own narrow table (chunk_vectors) so that exact scans and the HNSW
+-- scan's heap visits touch only vectors, not chunk text and tsvectors. The column is an
+-- unconstrained `vector` so several embedding models (and dimensions) can coexist while a
+-- tenant re-embeds; each dimension gets a partial HNSW index over the cast expression
+-- (384 here, the default all-MiniLM-L6-v2; others are created on demand by the store:
+-- vector(d) up to 2000 dims, halfvec(d) up to 4000, exact search above).
+CREATE EXTENSION IF NOT EXISTS vector;
+-- btree_gin lets the full-text GIN index lead with the tenant.
+CREATE EXTENSION IF NOT EXISTS btree_gin;
+
+CREATE TABLE documents (
+  id UUID PRIMARY KEY,
+  tenant_id UUID NOT NULL REFERENCES tenants(id),
+  external_id TEXT,
+  title TEXT NOT NULL DEFAULT '',
+  source_url TEXT,
+  metadata JSONB NOT NULL DEFAULT '{}',
+  content_type TEXT NOT NULL DEFAULT 'text/plain',
+  version INTEGER NOT NULL DEFAULT 1,
+  char_count INTEGER NOT NULL DEFAULT 0,
+  chunk_count INTEGER NOT NULL DEFAULT 0,
+  created_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+  updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+  UNIQUE (tenant_id, external_id)
+);
+-- Listing pages newest first (ids are UUIDv7: time-ordered).
+CREATE INDEX idx_documents_tenant_id ON documents (tenant_id, id);
+
+CREATE TABLE chunks (
+  id UUID PRIMARY KEY,
+  tenant_id UUID NOT NULL,
+  document_id UUID NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+  document_version INTEGER NOT NULL,
+  ordinal INTEGER NOT NULL,
+  text TEXT NOT NULL,
+  start_char INTEGER NOT NULL,
+  end_char INTEGER NOT NULL,
+  heading_path JSONB NOT NULL DEFAULT '[]',
+  token_count INTEGER NOT NULL DEFAULT 0,
+  embedding_model TEXT NOT NULL,
+  embedding_dim INTEGER NOT NULL,
+  -- Title and heading path: matched by full text with a higher weight than the body.
+  search_context TEXT NOT NULL DEFAULT '',
+  tsv tsvector GENERATED ALWAYS AS (
+    setweight(to_tsvector('english'::regconfig, search_context), 'A')
+    || setweight(to_tsvector('english'::regconfig, text), 'B')
+  ) STORED,
+  created_at TIMESTAMPTZ NOT NULL DEFAULT NOW()
+);
+CREATE INDEX idx_chunks_document ON chunks (document_id, ordinal);
+CREATE INDEX idx_chunks_tenant_model ON chunks (tenant_id, embedding_model, id);
+CREATE INDEX idx_chunks_tsv ON chunks USING gin (tenant_id, tsv);
+
+CREATE TABLE chunk_vectors (
+  chunk_id UUID PRIMARY KEY REFERENCES chunks(id) ON DELETE CASCADE,
+  tenant_id UUID NOT NULL,
+  document_id UUID NOT NULL,
+  embedding_model TEXT NOT NULL,
+  embedding_dim INTEGER NOT NULL,
+  embedding vector NOT NULL,
+  CHECK (vector_dims(embedding) = embedding_dim)
+);
+CREATE INDEX idx_chunk_vectors_tenant ON chunk_vectors (tenant_id, embedding_dim, embedding_model);
+CREATE INDEX idx_chunk_vectors_document ON chunk_vectors (document_id);
+CREATE INDEX idx_chunk_vectors_hnsw_384 ON chunk_vectors
+  USING hnsw ((embedding::vector(384)) vector_cosine_ops) WHERE embedding_dim = 384;
+
+-- One row per tenant with a knowledge base: version bumps on every change (the cache keys on
+-- it); writers lock it first, so one tenant's knowledge-base writes are serialised.
+CREATE TABLE kb_state (
+  tenant_id UUID PRIMARY KEY REFERENCES tenants(id),
+  version BIGINT NOT NULL DEFAULT 0,
+  updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW()
+);
+
+-- How many chunks a tenant has per embedding model and dimension: picks exact or HNSW search.
+CREATE TABLE kb_vector_stats (
+  tenant_id UUID NOT NULL REFERENCES tenants(id),
+  embedding_model TEXT NOT NULL,
+  embedding_dim INTEGER NOT NULL,
+  chunk_count BIGINT NOT NULL DEFAULT 0,
+  PRIMARY KEY (tenant_id, embedding_model, embedding_dim)
+);
+
+ALTER TABLE documents ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant_isolation ON documents
+  USING (tenant_id = NULLIF(current_setting('loadbear.tenant_id', true), '')::uuid)
+  WITH CHECK (tenant_id = NULLIF(current_setting('loadbear.tenant_id', true), '')::uuid);
+
+ALTER TABLE chunks ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant_isolation ON chunks
+  USING (tenant_id = NULLIF(current_setting('loadbear.tenant_id', true), '')::uuid)
+  WITH CHECK (tenant_id = NULLIF(current_setting('loadbear.tenant_id', true), '')::uuid);
+
+ALTER TABLE chunk_vectors ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant_isolation ON chunk_vectors
+  USING (tenant_id = NULLIF(current_setting('loadbear.tenant_id', true), '')::uuid)
+  WITH CHECK (tenant_id = NULLIF(current_setting('loadbear.tenant_id', true), '')::uuid);
+
+ALTER TABLE kb_state ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant_isolation ON kb_state
+  USING (tenant_id = NULLIF(current_setting('loadbear.tenant_id', true), '')::uuid)
+  WITH CHECK (tenant_id = NULLIF(current_setting('loadbear.tenant_id', true), '')::uuid);
+
+ALTER TABLE kb_vector_stats ENABLE ROW LEVEL SECURITY;
+CREATE POLICY tenant_isolation ON kb_vector_stats
+  USING (tenant_id = NULLIF(current_setting('loadbear.tenant_id', true), '')::uuid)
+  WITH CHECK (tenant_id = NULLIF(current_setting('loadbear.tenant_id', true), '')::uuid);
