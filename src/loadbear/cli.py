@@ -66,29 +66,56 @@ def serve(
     )
 
 
+DEMO_DOCS = "examples/helpdesk/docs"
+SUPPORTED_SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm", ".pdf", ".docx")
+
+
 @app.command()
-def demo(slug: str = typer.Option("demo", help="Slug of the demo tenant.")) -> None:
-    """Create the demo tenant (if missing) and print a fresh API key with a curl example."""
+def demo(
+    slug: str = typer.Option("demo", help="Slug of the demo tenant."),
+    docs: str = typer.Option(DEMO_DOCS, help="Help-centre folder to load into a new demo tenant."),
+) -> None:
+    """Create the demo tenant (if missing) with the example help centre, and print a fresh API key."""
+    from pathlib import Path
+
+    from loadbear.knowledge.types import KnowledgeError
     from loadbear.tenancy.models import TenancyError
 
     settings = Settings.load()
     gw = _gateway()
+    loaded = failed = 0
     try:
         gw.migrate()
         try:
             gw.tenants.get_tenant(slug)
         except TenancyError:
-            gw.tenants.create_tenant(slug, "Demo tenant", {"support_contact": "support@example.com"})
+            t = gw.tenants.create_tenant(slug, "Demo tenant", {
+                "support_contact": "support@example.com",
+                "knowledge_features": {"helpdesk": {"top_k": 5}},
+            })
+            folder = Path(docs)
+            if folder.is_dir():
+                typer.echo(f"Loading the example help centre from {folder} (first run only)...")
+                for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES):
+                    try:
+                        gw.knowledge.ingest_file(t.id, filename=f.name, data=f.read_bytes(),
+                                                 external_id=f.relative_to(folder).as_posix())
+                        loaded += 1
+                    except KnowledgeError as exc:
+                        failed += 1
+                        typer.secho(f"  skipped {f}: {exc.code}: {exc.message}", fg=typer.colors.YELLOW, err=True)
+                typer.echo(f"Loaded {loaded} document(s){f', {failed} skipped' if failed else ''}.")
         _, key = gw.tenants.create_key(slug, name="demo")
     finally:
         gw.close()
     base = f"http://{settings.host}:{settings.port}"
     typer.echo(f"Demo tenant '{slug}' ready. Its API key (shown once):\n\n  {key}\n")
-    typer.echo("Try it:\n")
+    typer.echo("Try it (a grounded answer from the example help centre, with citations):\n")
     typer.echo(
         f"  curl -s {base}/v1/chat/completions \\\n"
         f"    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n"
-        "    -d '{\"model\": \"auto\", \"messages\": [{\"role\": \"user\", \"content\": \"What can you do?\"}]}'\n"
+        "    -d '{\"model\": \"auto\", \"knowledge\": {\"top_k\": 3}, "
+        "\"messages\": [{\"role\": \"user\", \"content\": \"How long do I have to ask for a refund?\"}]}'\n"
     )
     typer.echo(f"  # or with the openai SDK: OpenAI(base_url='{base}/v1', api_key='{key}')\n")
 
@@ -121,9 +148,6 @@ def simulate(
     if faults:
         argv += ["--faults", faults]
     sim_main(argv)
-
-
-SUPPORTED_SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm", ".pdf", ".docx")
 
 
 @app.command()

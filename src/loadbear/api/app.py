@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loadbear.api.feedback_routes import add_feedback_routes
 from loadbear.api.knowledge_routes import add_knowledge_routes
 from loadbear.api.responses import JSON, SSEResponse, error_response
 from loadbear.gateway.chat import ChatStream
@@ -345,6 +346,7 @@ def create_app(gateway: Gateway, own_gateway: bool = False) -> FastAPI:
         return JSON({"object": "list", "data": gateway.provider_health()})
 
     add_knowledge_routes(app, gateway, scope)
+    add_feedback_routes(app, gateway, scope)
 
     # The chat route is served by BodyLimit directly (see there); FastAPI keeps it for the schema.
     chat_route = next(r for r in app.router.routes if getattr(r, "endpoint", None) is chat_completions)

@@ -82,7 +82,11 @@ class SSEResponse(Response):
                     break
                 # It waits: first send what is ready, then wait along with it.
                 if parts:
-                    await send({"type": "http.response.body", "body": b"".join(parts), "more_body": True})
+                    try:
+                        await send({"type": "http.response.body", "body": b"".join(parts), "more_body": True})
+                    except BaseException:
+                        await _cancel(step, pending)
+                        raise
                     parts = []
                 try:
                     parts.append(await _Resume(step, pending))
@@ -100,6 +104,16 @@ class SSEResponse(Response):
             watcher.cancel()
             # Idempotent: records "cancelled" only if the body never got to record its outcome.
             await self.stream.abort()
+
+
+async def _cancel(step: Any, pending: Any) -> None:
+    """The client went away while the stream was waiting on upstream: end that wait the way a
+    task cancellation would (the upstream call closes, the ledger records ``cancelled``)."""
+    try:
+        pending = step.throw(asyncio.CancelledError())
+        await _Resume(step, pending)  # a ``finally`` on the way out still had to wait
+    except BaseException:
+        pass
 
 
 class _Resume:
