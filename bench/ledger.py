@@ -27,7 +27,6 @@ import platform
 import random
 import re
 import shutil
-import statistics
 import sys
 import tempfile
 import threading

@@ -244,20 +244,26 @@ def exact_top_k(vectors: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
 
 def measure_queries(store: KnowledgeStore, t: Tenant, queries: np.ndarray, warmup: int,
                     id_index: dict[str, int]) -> dict[str, Any]:
-    lat, recalls, short = [], [], 0
+    lat, cpu, recalls, short = [], [], [], 0
+    load = os.getloadavg()[0]
     for i, q in enumerate(queries):
+        c0 = time.process_time()
         t0 = time.perf_counter()
         hits = store.vector_search(t.id, q, K, embedding_model=MODEL)
         dt = (time.perf_counter() - t0) * 1000
+        dc = (time.process_time() - c0) * 1000
         if i < warmup:
             continue
         lat.append(dt)
+        cpu.append(dc)
         if len(hits) < K:
             short += 1
         truth = set(exact_top_k(t.vectors, q, K).tolist())
         got = {id_index[h] for h, _ in hits if h in id_index}
         recalls.append(len(truth & got) / K)
     return {"p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "mean_ms": statistics.fmean(lat),
+            "client_cpu_p50_ms": pct(cpu, 50), "client_cpu_p99_ms": pct(cpu, 99),
+            "loadavg": [round(load, 1), round(os.getloadavg()[0], 1)],
             "recall_at_10": statistics.fmean(recalls), "min_recall": min(recalls), "short_results": short,
             "queries": len(lat)}
 

@@ -9,12 +9,14 @@ from typing import Optional
 import typer
 
 from loadbear.config.settings import Settings
+from loadbear.evals.cli import eval_app
 
 app = typer.Typer(help="loadbear: the load-bearing AI layer for multi-tenant SaaS.", no_args_is_help=True)
 tenants_app = typer.Typer(help="Create and list tenants.", no_args_is_help=True)
 keys_app = typer.Typer(help="Create, list and revoke a tenant's API keys.", no_args_is_help=True)
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
+app.add_typer(eval_app, name="eval")
 
 
 def _gateway():

@@ -31,8 +31,10 @@ feedback, newest first; without ``interaction_id`` the tenant's most recent feed
 an unknown (or another tenant's) interaction is an empty list.
 
 The ledger writes interaction rows off the request path, so feedback sent right after the
-answer can arrive before its row: a lookup that misses waits (boundedly) for the rows the
-ledger is still holding, then looks again.
+answer can arrive before its row: a lookup that misses first lets this process's ledger write
+what it holds (at most 5 s), looks again, then waits two ledger flush intervals (the row may be
+in another replica's writer) and looks a last time before the 404. Unknown and foreign ids take
+the same path, so the wait tells nothing either.
 
 The functions below the routes (:func:`parse_feedback`, :func:`record_feedback`,
 :func:`list_feedback`) are the library: the routes only authenticate and translate.
@@ -41,6 +43,7 @@ The functions below the routes (:func:`parse_feedback`, :func:`record_feedback`,
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -171,13 +174,20 @@ def parse_feedback(data: Any) -> Feedback:
 # -- storage ------------------------------------------------------------------------------
 
 
-def _wait_for_ledger(gateway: Any) -> bool:
-    """Let the ledger write what it holds; True when there was anything to wait for."""
-    ledger = getattr(gateway, "_ledger", None)
-    if ledger is None or ledger.pending == 0:
-        return False
-    ledger.flush(LEDGER_WAIT_S)
-    return True
+def _wait_for_ledger(gateway: Any, attempt: int) -> None:
+    """Before looking again for an interaction that was not found.
+
+    First this process's ledger writes what it holds (returns at once when it holds nothing).
+    Then, once, a pause of two ledger flush intervals: another API replica may have served the
+    answer, and its writer commits within a flush interval.
+    """
+    if attempt == 0:
+        ledger = getattr(gateway, "_ledger", None)
+        if ledger is not None:
+            ledger.flush(LEDGER_WAIT_S)
+    else:
+        interval_ms = getattr(getattr(gateway, "settings", None), "ledger_flush_interval_ms", 50)
+        time.sleep(min(2 * interval_ms / 1000, 1.0))
 
 
 def _interaction_exists(c: Conn, tenant_id: str, interaction_id: str) -> bool:
@@ -193,13 +203,13 @@ def record_feedback(gateway: Any, tenant_id: str, fb: Feedback) -> dict[str, Any
     tenant's, whether it belongs to another tenant or never existed.
     """
     db: Database = gateway.db
-    for attempt in range(2):
+    for attempt in range(3):
         with db.tenant_tx(tenant_id) as c:
             if _interaction_exists(c, tenant_id, fb.interaction_id):
                 return _insert(c, db.dialect, tenant_id, fb)
-        # A miss: the row may still be in the ledger writer's queue. Wait for it once.
-        if attempt == 0 and not _wait_for_ledger(gateway):
-            break
+        # A miss: the row may still be on its way through a ledger writer.
+        if attempt < 2:
+            _wait_for_ledger(gateway, attempt)
     raise interaction_not_found(fb.interaction_id)
 
 

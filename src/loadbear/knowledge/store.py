@@ -322,7 +322,7 @@ class KnowledgeStore:
 
     def list_documents(self, tenant_id: str, limit: int = 20,
                        cursor: str | None = None) -> tuple[list[Document], str | None]:
-        """Newest first; ``cursor`` is the last id of the previous page (opaque to clients)."""
+        """Newest first (by UUIDv7 id: millisecond order); ``cursor`` is opaque to clients (the last id)."""
         if not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise KnowledgeError("'limit' must be between 1 and 1000", code="invalid_value", param="limit")
         after = None
@@ -464,10 +464,8 @@ class KnowledgeStore:
             if not batch:
                 return done
             texts = [text_of(ch) if text_of else _embed_text(ch) for ch in batch]
-            n = self.replace_vectors(tenant_id, [ch.id for ch in batch], embedder.embed(texts), embedder.name)
-            done += n
-            if n == 0:  # every chunk of the batch vanished meanwhile; the next batch is new
-                continue
+            # chunks deleted meanwhile are skipped (n < len(batch)); they will not come back
+            done += self.replace_vectors(tenant_id, [ch.id for ch in batch], embedder.embed(texts), embedder.name)
 
 
 def _embed_text(ch: StoredChunk) -> str:

@@ -207,9 +207,12 @@ class PostgresKnowledgeStore(KnowledgeStore):
         k = _check_k(k)
         flt = _check_filters(filters)
         dim = int(q.shape[0])
-        self.ensure_dimension(dim)
         with self.db.tenant_tx(tenant_id, write=False) as c:
             self._adapt(c)
+            if dim not in self._indexed and index_cast(dim) is not None:
+                # Reads never build indexes (writes do, in ensure_dimension); they only look.
+                if c.fetchone("SELECT 1 AS x FROM pg_indexes WHERE indexname = ?", (hnsw_index_name(dim),)):
+                    self._indexed.add(dim)
             docs: list[str] | None = None
             if flt:
                 docs, n = self._matching_documents(c, tenant_id, flt)
@@ -251,10 +254,12 @@ class PostgresKnowledgeStore(KnowledgeStore):
         dim = int(q.shape[0])
         cast = index_cast(dim)
         ef = max(int(self.ef_search), k)
+        # The distance operator is costed as cheap, so the planner likes "btree on the tenant, then
+        # sort" even for tenants far past exact_max; this path exists to use the graph: forbid the sort.
         c.execute(
             f"SET LOCAL hnsw.ef_search = {ef}; SET LOCAL hnsw.iterative_scan = relaxed_order;"
             f" SET LOCAL hnsw.max_scan_tuples = {int(self.max_scan_tuples)};"
-            " SET LOCAL plan_cache_mode = force_custom_plan"
+            " SET LOCAL plan_cache_mode = force_custom_plan; SET LOCAL enable_sort = off"
         )
         where, params = self._where(tenant_id, dim, docs, model)
         # relaxed_order may return rows slightly out of order: re-sort by the exact distance.

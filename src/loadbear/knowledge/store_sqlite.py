@@ -119,7 +119,7 @@ class VectorCache:
 class SQLiteKnowledgeStore(KnowledgeStore):
     dialect = "sqlite"
 
-    def __init__(self, db: Database, *, exact_max: int | None = None, cache_min_chunks: int = 20_000,
+    def __init__(self, db: Database, *, exact_max: int | None = None, cache_min_chunks: int = 5_000,
                  cache_max_bytes: int = 512 * 1024 * 1024) -> None:
         super().__init__(db, exact_max=exact_max)
         self.cache_min_chunks = cache_min_chunks

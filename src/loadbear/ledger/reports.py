@@ -62,18 +62,32 @@ def _parse_day(value: str, param: str, example: str) -> date:
     return moment.date()
 
 
+# usage_daily's primary key is (tenant_id, day, feature, model, user_external_id), and a tenant's
+# rows for a range of days are read in that order. Grouping by a prefix of the key lets the
+# database aggregate while it reads instead of sorting every row first (on SQLite, half the cost
+# of a 30-day report); the few groups that come back (30 days x features x models at most) are
+# added up here. The end user is last in the key, so that report is grouped by the database.
+_KEY_PREFIX = {
+    "day": ("day",),
+    "feature": ("day", "feature"),
+    "model": ("day", "feature", "model"),
+    "user": ("user_external_id",),
+}
+
+
 def tenant_usage(db: Database, tenant_id: str, start: date, end: date, group_by: str = "day") -> dict[str, Any]:
     col = GROUPS.get(group_by)
     if col is None:
         raise ReportError(f"group_by must be one of {', '.join(GROUPS)}", "group_by")
+    keys = _KEY_PREFIX[group_by]
+    cols = ", ".join(f"u.{k}" for k in keys)
     sql = (
-        f"SELECT u.{col} AS grp, {_SELECT_SUMS} FROM usage_daily u"
-        " WHERE u.tenant_id = ? AND u.day >= ? AND u.day <= ?"
-        f" GROUP BY u.{col} ORDER BY u.{col}"
+        f"SELECT {cols}, {_SELECT_SUMS} FROM usage_daily u"
+        f" WHERE u.tenant_id = ? AND u.day >= ? AND u.day <= ? GROUP BY {cols}"
     )
     with db.tenant_tx(tenant_id, write=False) as c:
-        rows = c.fetchall(sql, (tenant_id, db_day(db.dialect, start), db_day(db.dialect, end)))
-    return _shape(rows, group_by, start, end)
+        rows = c.execute(sql, (tenant_id, db_day(db.dialect, start), db_day(db.dialect, end))).fetchall()
+    return _shape(_add_up(rows, keys.index(col), len(keys)), group_by, start, end)
 
 
 def admin_usage(db: Database, start: date, end: date, group_by: str = "tenant", tenant_slug: str | None = None) -> dict[str, Any]:
@@ -88,20 +102,34 @@ def admin_usage(db: Database, start: date, end: date, group_by: str = "tenant", 
         params.append(tenant_slug)
     sql = (
         f"SELECT {expr} AS grp, {_SELECT_SUMS} FROM usage_daily u JOIN tenants t ON t.id = u.tenant_id"
-        f" WHERE {where} GROUP BY {expr} ORDER BY {expr}"
+        f" WHERE {where} GROUP BY {expr}"
     )
     with db.system_tx(write=False) as c:
-        rows = c.fetchall(sql, params)
-    return _shape(rows, group_by, start, end)
+        rows = c.execute(sql, params).fetchall()
+    return _shape(_add_up(rows, 0, 1), group_by, start, end)
 
 
-def _shape(rows: list[dict[str, Any]], group_by: str, start: date, end: date) -> dict[str, Any]:
+def _add_up(rows: list[tuple], group_index: int, first_sum: int) -> dict[Any, list[int]]:
+    """Sums per group value: rows are (key columns..., sums...)."""
+    groups: dict[Any, list[int]] = {}
+    for row in rows:
+        sums = [int(v or 0) for v in row[first_sum:]]
+        acc = groups.get(row[group_index])
+        if acc is None:
+            groups[row[group_index]] = sums
+        else:
+            for i, v in enumerate(sums):
+                acc[i] += v
+    return groups
+
+
+def _shape(groups: dict[Any, list[int]], group_by: str, start: date, end: date) -> dict[str, Any]:
     out = []
     totals = {c: 0 for c in _SUMS}
-    for r in rows:
-        item: dict[str, Any] = {group_by: day_str(r["grp"]) if group_by == "day" else r["grp"]}
-        for c in _SUMS:
-            v = int(r[c] or 0)
+    label = day_str if group_by == "day" else str
+    for name, sums in sorted((label(g), s) for g, s in groups.items()):
+        item: dict[str, Any] = {group_by: name}
+        for c, v in zip(_SUMS, sums):
             item[c] = v
             totals[c] += v
         out.append(_with_derived(item))

@@ -1,26 +1,27 @@
 """The ledger writer: batches rows off the request path and never drops one.
 
 Requests hand a finished :class:`InteractionRecord` to :meth:`LedgerWriter.submit` and move on.
-A single thread drains the queue in batches; each batch is one transaction that inserts the
-raw rows, their attempts, and updates the daily rollups, so reports never disagree with rows.
+Writer threads drain the queue in batches; each batch is one transaction that inserts the raw
+rows, their attempts, and updates the daily rollups, so reports never disagree with rows.
 
 Loss is not an option, so the queue is bounded and a full queue blocks the submitter
 (backpressure). A failing database is retried with backoff for as long as it takes; a row the
-database refuses on its own (a data error, not an outage) is isolated by splitting the batch
-and goes to a dead-letter file with the error, never silently away; the rest of the batch is
-written. Interaction ids make writes idempotent: a row whose id is already stored (a retry
-after a commit whose acknowledgement was lost) counts as written, not twice.
+database refuses on its own (a data error, not an outage) is found by halving the batch and goes
+to a dead-letter file with the error, never silently away; the rest of the batch is written. A
+row whose interaction id is already stored (a retry after a commit whose acknowledgement was
+lost) counts as written, not twice.
 
-How a batch reaches each backend (the hot path; see docs/benchmarks.md for the numbers):
+The hot path (numbers in docs/benchmarks.md, "Ledger"): rows are built once as tuples, with
+times as UTC text and rollups summed in Python, then
 
-* SQLite: plain prepared INSERTs through ``executemany`` for rows, attempts and the rollup
-  upserts that the writer sums in Python.
-* PostgreSQL: per tenant (row-level security: the writer runs as the application role with the
-  tenant set, like any tenant work), the records travel as one JSON document serialised by
-  orjson straight from the dataclasses, and ONE statement expands it server-side into the
-  interaction rows, their attempt rows and the rollup upserts (grouped and sorted, so
-  concurrent writers lock rollup rows in the same order). All statements of a batch go out
-  in one pipeline, i.e. one network round trip.
+* SQLite: multi-row ``INSERT ... VALUES (...), (...)`` statements, a few hundred rows each, for
+  end users, interactions, attempts and the rollup upserts;
+* PostgreSQL: per tenant, because of row-level security (the writer runs as the application
+  role with the tenant set, like any tenant work), ONE statement whose parameters are the rows
+  as JSON arrays (orjson on our side, ``jsonb_array_elements`` on the server) inserting end
+  users, interactions, attempts and upserting rollups. A batch's statements go out in one
+  pipeline (one network round trip), and two writer lanes let the server work on two batches
+  at once, each lane serving its own tenants (so they never wait for each other's row locks).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import orjson
 import sqlean
 
 from loadbear.ledger.records import InteractionRecord
-from loadbear.storage.db import Conn, Database
+from loadbear.storage.db import Database
 from loadbear.storage.values import utcnow
 from loadbear.tenancy.service import touch_keys, user_uuid
 

@@ -191,6 +191,23 @@ def map_exception(exc: BaseException, vendor: str = "upstream") -> ProviderError
     return ProviderError(ErrorKind.CONNECTION, f"{vendor}: {type(exc).__name__}: {exc}")
 
 
+async def _send(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
+                timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+    """POST, retrying once when the request could not even be written.
+
+    A pooled keep-alive connection can be closed by the upstream just as we reuse it; the write
+    then fails before a byte of the request left. Nothing reached the upstream, so this is not an
+    attempt: send it again on a fresh connection (the dead one has left the pool). A failure after
+    the request was written is never retried here — that is the executor's decision.
+    """
+    try:
+        return await session.post(url, data=body, headers=headers, timeout=timeout)
+    except aiohttp.ClientOSError as exc:
+        if "Can not write request body" not in str(exc):
+            raise
+        return await session.post(url, data=body, headers=headers, timeout=timeout)
+
+
 def estimate_usage(
     messages: list[dict[str, Any]],
     text: str,
@@ -554,9 +571,8 @@ class HttpClient:
         cm = asyncio.timeout(limit)
         try:
             async with cm:
-                async with session.post(
-                    url, data=body, headers=headers, timeout=self.client_timeout(timeouts.connect)
-                ) as resp:
+                resp = await _send(session, url, body, headers, self.client_timeout(timeouts.connect))
+                async with resp:
                     raw = await resp.read()
                     return resp.status, resp.headers, raw
         except TimeoutError as exc:
@@ -587,9 +603,7 @@ class HttpClient:
         resp: aiohttp.ClientResponse | None = None
         try:
             async with cm:
-                resp = await session.post(
-                    url, data=body, headers=headers, timeout=self.client_timeout(timeouts.connect)
-                )
+                resp = await _send(session, url, body, headers, self.client_timeout(timeouts.connect))
                 if resp.status != 200:
                     try:
                         raw = await resp.read()

@@ -43,9 +43,11 @@ CREATE TABLE chunks (
   embedding_dim INTEGER NOT NULL,
   -- Title and heading path: matched by full text with a higher weight than the body.
   search_context TEXT NOT NULL DEFAULT '',
+  -- Words are runs of \w, as in the query sanitiser and SQLite's unicode61 tokenizer: the default
+  -- parser would read "ERR-4471" as 'err' and '-4471', which a query for "4471" never matches.
   tsv tsvector GENERATED ALWAYS AS (
-    setweight(to_tsvector('english'::regconfig, search_context), 'A')
-    || setweight(to_tsvector('english'::regconfig, text), 'B')
+    setweight(to_tsvector('english'::regconfig, regexp_replace(search_context, '\W+', ' ', 'g')), 'A')
+    || setweight(to_tsvector('english'::regconfig, regexp_replace(text, '\W+', ' ', 'g')), 'B')
   ) STORED,
   created_at TIMESTAMPTZ NOT NULL DEFAULT NOW()
 );
