@@ -117,10 +117,28 @@ class Throughput:
     rows: int
     seconds: float
     lanes: int
+    process_cpu_s: float  # this process, all threads, while the clock ran
+    server_cpu_s: float | None  # PostgreSQL backends serving the benchmark database (None: SQLite)
 
     @property
     def rate(self) -> float:
         return self.rows / self.seconds
+
+
+def server_cpu(db: Database) -> float | None:
+    """CPU seconds used so far by the PostgreSQL backends connected to this database (same host)."""
+    if db.dialect != "postgres":
+        return None
+    with db.system_tx(write=False) as c:
+        pids = [r["pid"] for r in c.fetchall("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")]
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None  # a remote server, or not allowed: no server CPU figure
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def run_throughput(backend: str, pg_url: str, rows: int, producers: int, tenants: int, users: int,
@@ -148,12 +166,14 @@ def run_throughput(backend: str, pg_url: str, rows: int, producers: int, tenants
         threads = [threading.Thread(target=produce, args=(s,)) for s in shares]
         for t in threads:
             t.start()
+        srv0 = server_cpu(db)
         start_gate.wait()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for t in threads:
             t.join()
         writer.flush()
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        srv1 = server_cpu(db)
         writer.close()
         if writer.dead_lettered:
             raise SystemExit(f"{writer.dead_lettered} rows dead-lettered during the benchmark")
@@ -164,7 +184,8 @@ def run_throughput(backend: str, pg_url: str, rows: int, producers: int, tenants
         expected = rows + len(warm)
         if not (stored == attempts == int(rolled) == expected):
             raise SystemExit(f"lost rows: {stored} interactions, {attempts} attempts, {rolled} in rollups, {expected} expected")
-        return Throughput(rows, elapsed, len(writer._lanes))
+        srv = None if srv0 is None or srv1 is None else srv1 - srv0
+        return Throughput(rows, elapsed, len(writer._lanes), cpu, srv)
 
 
 # -- report latency -----------------------------------------------------------------------
@@ -335,13 +356,14 @@ def main(argv: list[str] | None = None) -> int:
     lines = []
     for b in backends:
         if args.rows:
-            cpu0 = time.process_time()
             tp = run_throughput(b, args.pg_url, args.rows, args.producers, args.tenants, args.users,
                                 args.batch_size, args.queue_max, dead_letter)
-            cpu = time.process_time() - cpu0
+            cpu = f"CPU per row: {tp.process_cpu_s / tp.rows * 1e6:.0f} µs in the process"
+            if tp.server_cpu_s is not None:
+                cpu += f" + {tp.server_cpu_s / tp.rows * 1e6:.0f} µs in PostgreSQL"
             lines.append((b, "throughput", f"{tp.rate:,.0f} rows/s",
-                          f"{tp.rows:,} interactions + {tp.rows:,} attempts + rollups in {tp.seconds:.2f} s, "
-                          f"{args.producers} producer threads, {tp.lanes} writer lane(s), bench process CPU {cpu:.1f} s"))
+                          f"{tp.rows:,} interactions + {tp.rows:,} attempts + rollups in {tp.seconds:.2f} s; "
+                          f"{args.producers} producer threads, {tp.lanes} writer lane(s); {cpu}"))
             print(" | ".join(lines[-1]), flush=True)
         if args.report_rows:
             latencies, info = run_reports(b, args.pg_url, args.report_rows, args.tenants, args.users, args.runs)

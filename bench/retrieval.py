@@ -464,6 +464,63 @@ def run_backend(backend: str, args: argparse.Namespace, corpus: Corpus, emb: dic
             admin.close()
 
 
+def _ms(x: Any) -> str:
+    return "–" if x is None else f"{float(x):.1f} ms"
+
+
+def render_markdown(out: dict[str, Any]) -> str:
+    """The tables of docs/benchmarks.md's Retrieval section, from a results JSON."""
+    lines = []
+    e = out.get("embedding", {})
+    rows = ["| backend | storage, bulk (chunks/s) | storage, index maintained (chunks/s) | end to end with MiniLM (chunks/s) |",
+            "|---|---:|---:|---:|"]
+    for b in ("sqlite", "postgres"):
+        r = out.get(b)
+        if not r or "store_bulk" not in r:
+            continue
+        rows.append(f"| {b} | {r['store_bulk']['chunks_per_s']:.0f} | {r['store_incremental']['chunks_per_s']:.0f} |"
+                    f" {r.get('end_to_end', {}).get('chunks_per_s', float('nan')):.2f} |")
+    if e and "chunks_per_s" in e:
+        lines.append(f"Embedding alone ({e['embedder']}, {e['tokens_per_chunk']} word pieces per chunk, {e['chunks']} chunks):"
+                     f" {e['chunks_per_s']:.2f} chunks/s; one query (12 words): p50 {_ms(e['query_embed_p50_ms'])},"
+                     f" p99 {_ms(e['query_embed_p99_ms'])}.")
+        lines.append("")
+    lines += rows
+    lines.append("")
+    lines.append("| backend | tenant | store total | path | vector p50 | vector p99 | recall@10 | short top-k | keyword p50 / p99 | hybrid p50 / p99 |")
+    lines.append("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    for b in ("sqlite", "postgres"):
+        r = out.get(b)
+        if not r:
+            continue
+        for slug, t in r.get("tenants", {}).items():
+            v = t["vector"]
+            lines.append(
+                f"| {b} | {t['chunks']:,} | {r.get('total_chunks', 0):,} | {t['path']} | {_ms(v['p50_ms'])} | {_ms(v['p99_ms'])} |"
+                f" {v['recall_at_10']:.4f} | {v['short_results']} | {_ms(t['keyword_p50_ms'])} / {_ms(t['keyword_p99_ms'])} |"
+                f" {_ms(t['hybrid_p50_ms'])} / {_ms(t['hybrid_p99_ms'])} |")
+    lines.append("")
+    for b in ("sqlite", "postgres"):
+        r = out.get(b)
+        if not r:
+            continue
+        for slug, t in r.get("tenants", {}).items():
+            extra = []
+            if "vector_vec0" in t:
+                v = t["vector_vec0"]
+                extra.append(f"vec0 scan: p50 {_ms(v['p50_ms'])}, p99 {_ms(v['p99_ms'])}")
+                extra.append(f"first query (loads the in-process matrix): {_ms(t.get('first_query_ms'))}")
+            if "exact" in t:
+                v = t["exact"]
+                extra.append(f"exact: p50 {_ms(v['p50_ms'])}, p99 {_ms(v['p99_ms'])}")
+            for ef, v in t.get("hnsw_sweep", {}).items():
+                extra.append(f"HNSW ef_search={ef}: p50 {_ms(v['p50_ms'])}, p99 {_ms(v['p99_ms'])},"
+                             f" recall@10 {v['recall_at_10']:.4f}, short {v['short_results']}")
+            if extra:
+                lines.append(f"- {b}, {t['chunks']:,}-chunk tenant: " + "; ".join(extra) + ".")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
@@ -478,7 +535,19 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--reuse", default=None, help="an existing loadbear_bench_* database from --keep")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--markdown", default=None, help="print the tables for results JSON file(s), comma-separated")
     args = ap.parse_args()
+    if args.markdown:
+        merged: dict[str, Any] = {}
+        for path in args.markdown.split(","):
+            with open(path) as f:
+                data = json.load(f)
+            merged.setdefault("embedding", data.get("embedding"))
+            for b in ("sqlite", "postgres"):
+                if b in data:
+                    merged[b] = {**merged.get(b, {}), **data[b]}
+        print(render_markdown(merged))
+        return
     if args.queries is None:
         args.queries = 50 if args.quick else 300
     if args.reuse and not args.reuse.startswith("loadbear_bench_"):

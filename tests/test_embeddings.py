@@ -114,6 +114,12 @@ def test_empty_input(minilm: MiniLMEmbedder) -> None:
         minilm.embed([b"bytes"])  # type: ignore[list-item]
 
 
+def test_odd_text(minilm: MiniLMEmbedder) -> None:
+    out = minilm.embed(["lone surrogate \ud800 here", "\x00\x01 control chars", "x" * 50_000])
+    assert out.shape == (3, 384) and np.isfinite(out).all()
+    assert minilm.token_count("word " * 1000) == 256
+
+
 def test_meaning(minilm: MiniLMEmbedder) -> None:
     q, same, other = minilm.embed(
         ["How do I reset my password?", "I forgot my password and need to change it", "The invoice is due on Friday"]

@@ -513,3 +513,45 @@ def test_key_touches_are_written_by_flush(db, writer_factory):
     assert w.flush(10)
     [stored] = svc.list_keys(slug)
     assert stored.last_used_at is not None
+
+
+def test_lanes_keep_each_tenant_on_one_writer(db, tenants, writer_factory):
+    w = writer_factory(lanes=3)
+    if db.dialect == "sqlite":
+        assert len(w._lanes) == 1  # one SQLite writer at a time
+    else:
+        assert len(w._lanes) == 3
+        lanes = [w._lane(t) for t in tenants]
+        assert len({id(lane) for lane in lanes}) == 3  # dealt out in turn
+        assert all(w._lane(t) is lane for t, lane in zip(tenants, lanes))  # and stays put
+    records = [rec(tenants[i % 3]) for i in range(90)]
+    for r in records:
+        w.submit(r)
+    assert w.flush(10)
+    assert ids(db, tenants) == {r.id for r in records}
+
+
+def test_generated_attempt_ids_are_uuid7_and_kept(db, tenants, writer_factory):
+    w = writer_factory()
+    r = rec(tenants[0], attempts=2)
+    assert all(a.id is None for a in r.attempts)
+    w.submit(r)
+    assert w.flush(10)
+    generated = [a.id for a in r.attempts]
+    assert all(uuid.UUID(i).version == 7 for i in generated) and len(set(generated)) == 2
+    with db.system_tx(write=False) as c:
+        stored = [str(x["id"]) for x in c.fetchall(
+            "SELECT id FROM ai_attempts WHERE CAST(interaction_id AS TEXT) = ? ORDER BY attempt_no", (r.id,))]
+    assert stored == generated
+
+
+def test_a_queue_smaller_than_a_batch_does_not_wait_for_a_full_batch(db, tenants, writer_factory):
+    # batch_size can never be reached with a 4-row queue: the writer must not linger for it.
+    w = writer_factory(batch_size=1000, queue_max=4, flush_interval=0.5)
+    records = [rec(tenants[0]) for _ in range(40)]
+    started = time.monotonic()
+    for r in records:
+        w.submit(r)
+    assert w.flush(30)
+    assert time.monotonic() - started < 4  # 10+ lingering batches would take 5 s
+    assert ids(db, tenants) == {r.id for r in records}

@@ -10,6 +10,7 @@ import typer
 
 from loadbear.config.settings import Settings
 from loadbear.evals.cli import eval_app
+from loadbear.router_cli import router_app
 
 app = typer.Typer(help="loadbear: the load-bearing AI layer for multi-tenant SaaS.", no_args_is_help=True)
 tenants_app = typer.Typer(help="Create and list tenants.", no_args_is_help=True)
@@ -17,6 +18,7 @@ keys_app = typer.Typer(help="Create, list and revoke a tenant's API keys.", no_a
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(eval_app, name="eval")
+app.add_typer(router_app, name="router")
 
 
 def _gateway():

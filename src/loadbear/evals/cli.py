@@ -40,7 +40,7 @@ def _gateway():
 def _console():
     from rich.console import Console
 
-    return Console(width=120)
+    return Console(width=160)
 
 
 def _parse_gates(specs: Optional[list[str]]):
@@ -193,7 +193,7 @@ def _write_report(path: str, run, results, comparison=None, base=None) -> None:
 
 
 def _resolve(gw, ref: str, tenant: Optional[str]):
-    """(run, tenant_id) for a run reference, scoped to ``--tenant`` when given."""
+    """The stored run a reference names, within ``--tenant`` when given, else the run id's tenant."""
     from loadbear.evals.store import EvalStore, RunNotFound
 
     store = EvalStore(gw.db)
@@ -236,7 +236,6 @@ def run_cmd(
     """Run DATASET through the tenant's real pipeline (retrieval + generation) and store the run."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from loadbear.evals.compare import GateError
     from loadbear.evals.judge import JudgeError
     from loadbear.evals.metrics import metric_names
     from loadbear.evals.runner import EvalConfig, run_eval
@@ -272,7 +271,7 @@ def run_cmd(
 
     try:
         run, base, base_results = asyncio.run(main())
-    except (ApiError, JudgeError, GateError) as exc:
+    except (ApiError, JudgeError) as exc:
         _fail(getattr(exc, "message", str(exc)))
     results = run.pop("results")
     comparison = None
@@ -385,13 +384,16 @@ def list_cmd(
     from rich.table import Table
 
     table = Table(title=f"eval runs of {tenant}")
-    for col in ("id", "label", "created", "dataset", "model", "status", "pass rate", "recall@k", "fact coverage", "pipeline"):
+    table.add_column("id", no_wrap=True, min_width=36)
+    table.add_column("created", no_wrap=True, min_width=19)
+    for col in ("label", "dataset", "model", "status", "pass rate", "recall@k", "fact coverage", "pipeline"):
         table.add_column(col)
     for r in runs:
         s = r.get("summary") or {}
         m = s.get("metrics") or {}
         k = s.get("k") or (r.get("config") or {}).get("top_k")
-        table.add_row(r["id"], r.get("label") or "", (r.get("created_at") or "")[:19], (r.get("dataset") or {}).get("name", ""),
+        table.add_row(r["id"], (r.get("created_at") or "")[:19].replace("T", " "), r.get("label") or "",
+                      (r.get("dataset") or {}).get("name", ""),
                       r.get("model") or "", r["status"], f"{m['pass_rate']:.1%}" if "pass_rate" in m else "—",
                       _fmt(m.get(f"retrieval.recall@{k}")), _fmt(m.get("generation.fact_coverage")),
                       (r.get("pipeline_hash") or "")[:8])

@@ -26,7 +26,7 @@ import difflib
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,16 +63,6 @@ class Case:
     reference: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     line: int | None = None
-
-    @property
-    def answerable(self) -> bool:
-        return not self.expect_refusal
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["expected_sources"] = [{"doc": s.doc, **({"quote": s.quote} if s.quote else {})}
-                                 for s in self.expected_sources]
-        return d
 
 
 @dataclass
@@ -203,11 +193,11 @@ def _yaml_items(text: str, path: str, issues: list[Issue], warnings: list[str]) 
             if key not in TOP_FIELDS:
                 warnings.append(f"{path}: unknown top-level field {key!r} (ignored)")
         cases = data.get("cases")
+        key_node, seq_node = _entry(root, "cases")
         if not isinstance(cases, list):
-            issues.append(Issue(_key_line(root, "cases") or 1, None, "cases",
+            issues.append(Issue(key_node.start_mark.line + 1 if key_node is not None else 1, None, "cases",
                                 "must be a list of cases (the file is {name, version, cases: [...]})"))
             return meta, []
-        seq_node = _value_node(root, "cases")
     elif isinstance(data, list):
         cases = data
         seq_node = root
@@ -228,24 +218,15 @@ def _yaml_items(text: str, path: str, issues: list[Issue], warnings: list[str]) 
     return meta, items
 
 
-def _value_node(root: Any, key: str) -> Any:
+def _entry(root: Any, key: str) -> tuple[Any, Any]:
+    """The (key node, value node) of ``key`` in a YAML mapping node, or (None, None)."""
     import yaml
 
     if isinstance(root, yaml.MappingNode):
         for k, v in root.value:
             if isinstance(k, yaml.ScalarNode) and k.value == key:
-                return v
-    return None
-
-
-def _key_line(root: Any, key: str) -> int | None:
-    import yaml
-
-    if isinstance(root, yaml.MappingNode):
-        for k, _v in root.value:
-            if isinstance(k, yaml.ScalarNode) and k.value == key:
-                return k.start_mark.line + 1
-    return None
+                return k, v
+    return None, None
 
 
 # -- validation ---------------------------------------------------------------------------

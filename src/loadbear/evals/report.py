@@ -31,7 +31,7 @@ h3{font-size:14px;margin:14px 0 6px}
 table{border-collapse:collapse;background:#fff;width:100%;margin:6px 0}
 th,td{border:1px solid #dee2e6;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f1f3f5;font-weight:600}td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-.cols{display:grid;grid-template-columns:1fr 1fr;gap:16px}@media(max-width:800px){.cols{grid-template-columns:1fr}}
+.cols{display:grid;grid-template-columns:repeat(auto-fit,minmax(440px,1fr));gap:16px}
 .badge{display:inline-block;border-radius:10px;padding:0 8px;color:#fff;font-size:12px;white-space:nowrap}
 .up{color:#2f9e44}.down{color:#c92a2a}
 details{background:#fff;border:1px solid #dee2e6;border-radius:6px;margin:6px 0;padding:6px 10px}
@@ -80,7 +80,7 @@ def group_metrics(metrics: dict[str, Any]) -> list[tuple[str, list[tuple[str, An
 def _svg_open(width: int, height: int, label: str) -> str:
     """An inline SVG that shrinks to fit its column (never wider than drawn)."""
     return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
-            f'height="{height}" style="max-width:100%;height:auto" role="img" aria-label="{_e(label)}">')
+            f'height="{height}" style="max-width:100%" role="img" aria-label="{_e(label)}">')
 
 
 def _bars(rows: Sequence[tuple[str, float | None, float | None]], compare: bool) -> str:

@@ -180,7 +180,7 @@ def _similarities(outcomes: Sequence[_Outcome], embedder: Any) -> dict[int, floa
 def _result(o: _Outcome, config: EvalConfig, similarity: float | None) -> dict[str, Any]:
     case = o.case
     score = score_case(case, o.chunks, o.answer, k=config.top_k, thresholds=config.thresholds,
-                       similarity=similarity, error=o.error)
+                       similarity=similarity)
     metrics = dict(score.metrics)
     if o.judge and "error" not in o.judge:
         metrics["judge.correctness"] = o.judge["correctness"]

@@ -66,11 +66,6 @@ class EvalStore:
                  db_time(self.db.dialect, utcnow()), run_id, tenant_id),
             )
 
-    def delete_run(self, tenant_id: str, run_id: str) -> bool:
-        with self.db.tenant_tx(tenant_id) as c:
-            c.execute("DELETE FROM eval_results WHERE run_id = ? AND tenant_id = ?", (run_id, tenant_id))
-            return bool(c.execute("DELETE FROM eval_runs WHERE id = ? AND tenant_id = ?", (run_id, tenant_id)).rowcount)
-
     # -- reading --------------------------------------------------------------------------
 
     def get_run(self, tenant_id: str, run_id: str) -> dict[str, Any] | None:

@@ -344,11 +344,23 @@ class _MiniLMModel:
             )
         self.layers = tuple(layers)
         del w
+        # Shared by every thread: make accidental in-place writes fail loudly.
+        for arr in (self.word, self.position_type, self.emb_ln_g, self.emb_ln_b):
+            arr.flags.writeable = False
+        for layer in self.layers:
+            for arr in (getattr(layer, f) for f in layer.__dataclass_fields__):
+                arr.flags.writeable = False
 
     # ------------------------------------------------------------------ forward
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=True)]
+        texts = list(texts)
+        try:
+            encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        except TypeError:  # a lone surrogate cannot cross into Rust: replace it, as a decoder would
+            texts = [t.encode("utf-8", "replace").decode("utf-8") for t in texts]
+            encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        return [e.ids for e in encodings]
 
     def forward(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Mean-pooled, L2-normalised sentence vectors for a batch of token-id lists.
@@ -485,7 +497,7 @@ class MiniLMEmbedder:
         """Word pieces the model sees for ``text`` (with [CLS]/[SEP], after truncation)."""
         model = self.load()._model
         assert model is not None
-        return len(model.tokenizer.encode(text).ids)
+        return len(model.tokenize([text])[0])
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if isinstance(texts, str):

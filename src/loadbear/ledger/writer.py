@@ -27,8 +27,9 @@ times as UTC text and rollups summed in Python, then
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import os
+import random
 import threading
 import time
 from collections import deque
@@ -86,21 +87,22 @@ class _SqliteInsert:
         self.one = "(" + ", ".join("?" for _ in cols) + ")"
         self.tail = tail
         self.ncols = len(cols)
-        self._texts: dict[int, str] = {}
+        # Rows per statement: as many as SQLite takes parameters for, at most one batch.
+        self.max_rows = max(1, min(_SQLITE_MAX_ROWS, _SQLITE_MAX_PARAMS // self.ncols))
 
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - a handful of module-level instances
     def sql(self, rows: int) -> str:
-        text = self._texts.get(rows)
-        if text is None:
-            text = self._texts[rows] = self.head + ", ".join([self.one] * rows) + self.tail
-        return text
+        return self.head + ", ".join([self.one] * rows) + self.tail
+
+
+_SQLITE_MAX_PARAMS = 32766  # SQLITE_MAX_VARIABLE_NUMBER since 3.32
+_SQLITE_MAX_ROWS = 1000
 
 
 _SQLITE_USERS = _SqliteInsert("users", ("id", "tenant_id", "external_id"), " ON CONFLICT DO NOTHING")
 _SQLITE_INTERACTIONS = _SqliteInsert("ai_interactions", _INTERACTION_COLS)
 _SQLITE_ATTEMPTS = _SqliteInsert("ai_attempts", _ATTEMPT_COLS)
 _SQLITE_ROLLUPS = _SqliteInsert("usage_daily", _ROLLUP_KEY + _ROLLUP_SUMS, " " + _ROLLUP_UPDATE)
-_SQLITE_MAX_PARAMS = 32766  # SQLITE_MAX_VARIABLE_NUMBER since 3.32
-_SQLITE_MAX_CHUNK = 512
 
 # PostgreSQL: per tenant and batch ONE statement whose parameters are the rows as JSON arrays
 # (serialised by orjson, expanded by the server): end users, interactions, attempts and the
@@ -186,14 +188,15 @@ class _Buffer:
 
     def take(self, n: int, idle: float, linger: float) -> list[Any]:
         """Up to ``n`` items: waits up to ``idle`` for the first, then up to ``linger`` for a full batch."""
+        full = min(n, self.maxsize)  # a queue smaller than a batch is full sooner
         with self._not_empty:
             if not self._items and not self._urgent:
                 self._wake_at = 1
                 self._not_empty.wait(idle)
-            if self._items and len(self._items) < n and linger > 0 and not self._urgent:
+            if self._items and len(self._items) < full and linger > 0 and not self._urgent:
                 deadline = time.monotonic() + linger
-                self._wake_at = n
-                while len(self._items) < n and not self._urgent:
+                self._wake_at = full
+                while len(self._items) < full and not self._urgent:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
@@ -225,6 +228,10 @@ class LedgerWriter:
     ``lanes`` is the number of writer threads (and connections). SQLite takes one writer at a
     time, so it gets one; PostgreSQL gets two by default, which lets the server work on two
     batches at once (tenants are spread over the lanes; one tenant always uses the same lane).
+    ``queue_max`` bounds the rows waiting in all lanes together. ``on_written`` is called with
+    every written batch (rows refused into the dead-letter file included), one call at a time.
+    ``flush()`` waits until everything submitted before it is durable; ``close()`` flushes and
+    stops; neither loses a row.
     """
 
     def __init__(
@@ -261,6 +268,7 @@ class LedgerWriter:
         self._touch_seq = 0  # touches handed in
         self._touch_done = 0  # touches handled (written, or given up on: they are best effort)
         self._dead_letter_lock = threading.Lock()
+        self._hook_lock = threading.Lock()
         self._closed = False
         self._stopping = False
         for lane in self._lanes:
@@ -439,7 +447,8 @@ class LedgerWriter:
     def _finish(self, batch: list[InteractionRecord]) -> None:
         if self.on_written is not None:
             try:
-                self.on_written(batch)
+                with self._hook_lock:  # one call at a time, whichever lane wrote the batch
+                    self.on_written(batch)
             except Exception:
                 log.warning("ledger on_written hook failed", exc_info=True)
         with self._cond:
@@ -513,19 +522,19 @@ class LedgerWriter:
 def _sqlite_insert(raw: Any, stmt: _SqliteInsert, rows: list[tuple]) -> None:
     """INSERT rows with as few statements as possible: ``VALUES (...), (...), ...``.
 
-    A multi-row statement binds and steps once per chunk instead of once per row: cheaper, and
-    the GIL is released for the whole chunk rather than for every row. Chunk sizes are powers of
-    two, so a handful of statement texts serve every batch from the statement cache.
+    A multi-row statement binds and steps once per chunk instead of once per row: less work, and
+    the GIL is released for the whole chunk instead of once per row (each time another thread
+    may keep it for up to a switch interval). Chunks are of equal size, so a full batch always
+    uses the same statement texts, which stay in the connection's statement cache.
     """
-    chunk = _SQLITE_MAX_CHUNK
-    while chunk > 1 and chunk * stmt.ncols > _SQLITE_MAX_PARAMS:
-        chunk //= 2
-    i, n = 0, len(rows)
-    while i < n:
-        while chunk > n - i:
-            chunk //= 2
-        raw.execute(stmt.sql(chunk), tuple(chain.from_iterable(rows[i:i + chunk])))
-        i += chunk
+    n = len(rows)
+    if not n:
+        return
+    chunks = -(-n // stmt.max_rows)
+    size = -(-n // chunks)
+    for i in range(0, n, size):
+        part = rows[i:i + size]
+        raw.execute(stmt.sql(len(part)), tuple(chain.from_iterable(part)))
 
 
 # -- rows ---------------------------------------------------------------------------------
@@ -625,11 +634,16 @@ def _build_rows_unchecked(batch: list[InteractionRecord], known_users: set[str])
 
 
 def _uuid7() -> str:
-    """A time-ordered UUID (RFC 9562 v7), as ``values.uuid7`` makes, formatted without uuid.UUID."""
+    """A time-ordered UUID (RFC 9562 v7) for an attempt that came without an id.
+
+    Unlike ``values.uuid7`` it draws its random bits from ``random`` (reseeded in forked
+    children) instead of ``os.urandom``: ids need to be unique, not secret, and a system call
+    per attempt would hand the GIL to another thread in the middle of building a batch.
+    """
     ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
+    rand = random.getrandbits(74)
     h = "%032x" % (
-        (ms & 0xFFFFFFFFFFFF) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64 | 0b10 << 62 | rand & ((1 << 62) - 1)
+        (ms & 0xFFFFFFFFFFFF) << 80 | 0x7 << 76 | (rand >> 62) << 64 | 0b10 << 62 | rand & ((1 << 62) - 1)
     )
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 

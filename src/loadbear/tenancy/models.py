@@ -15,6 +15,7 @@ SCOPES = (
     "feedback:write",
 )
 DEFAULT_SCOPES = SCOPES
+BUDGET_HARD_ACTIONS = ("downgrade_then_refuse", "refuse")
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 
@@ -48,6 +49,19 @@ class TenantSettings:
     # Grounding by default for a feature: {"helpdesk": {"top_k": 5}} retrieves from the tenant's
     # knowledge base for every request of that feature that does not say otherwise.
     knowledge_features: dict[str, dict] = field(default_factory=dict)
+    # Complexity routing (model "auto"): always use this model instead of classifying, and/or
+    # never use models of these catalog tiers (explicit requests and fallbacks included).
+    pinned_model: str | None = None
+    forbidden_tiers: list[str] = field(default_factory=list)
+    # Monthly budget (monthly_budget_usd above): at this share of it a "budget.soft_threshold"
+    # event is logged (and POSTed to budget_webhook_url); at the budget itself the hard action
+    # applies: "downgrade_then_refuse" (the cheapest allowed tier first, then 402) or "refuse".
+    budget_soft_ratio: float = 0.8
+    budget_hard_action: str = "downgrade_then_refuse"
+    budget_webhook_url: str | None = None
+    # Rate limits per tenant (None: unlimited): requests and tokens (prompt + completion) per minute.
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "TenantSettings":
@@ -79,6 +93,29 @@ class TenantSettings:
                                param="settings.knowledge_features")
         if not isinstance(self.fallback_overrides, dict):
             raise TenancyError("fallback_overrides must map a model to a list of models", param="settings.fallback_overrides")
+        if self.pinned_model is not None:
+            if not isinstance(self.pinned_model, str) or not self.pinned_model.strip():
+                raise TenancyError("pinned_model must be a model name or null", param="settings.pinned_model")
+            if self.allowed_models is not None and self.pinned_model not in self.allowed_models:
+                raise TenancyError(f"pinned_model {self.pinned_model!r} is not in allowed_models",
+                                   param="settings.pinned_model")
+        if not (isinstance(self.forbidden_tiers, list) and all(isinstance(t, str) and t for t in self.forbidden_tiers)):
+            raise TenancyError("forbidden_tiers must be a list of tier names, e.g. [\"complex\"]",
+                               param="settings.forbidden_tiers")
+        ratio = self.budget_soft_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise TenancyError("budget_soft_ratio must be a number in (0, 1], e.g. 0.8",
+                               param="settings.budget_soft_ratio")
+        if self.budget_hard_action not in BUDGET_HARD_ACTIONS:
+            raise TenancyError(f"budget_hard_action must be one of {', '.join(BUDGET_HARD_ACTIONS)}",
+                               param="settings.budget_hard_action")
+        url = self.budget_webhook_url
+        if url is not None and not (isinstance(url, str) and url.startswith(("http://", "https://")) and len(url) > 8):
+            raise TenancyError("budget_webhook_url must be an http(s) URL or null", param="settings.budget_webhook_url")
+        for name in ("rpm_limit", "tpm_limit"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise TenancyError(f"{name} must be a positive integer or null", param=f"settings.{name}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
