@@ -1,0 +1,793 @@
+"""The tenant-scoped response cache: an exact cache and a semantic cache, looked up before routing.
+
+    cache = ResponseCache(db, lambda: get_embedder(settings.embedding_model, catalog))
+    scope = cache.key_for(tenant_id, feature, messages, tier, grounding_doc_versions)
+    hit = await cache.lookup(scope, threshold=policy.threshold)      # exact, then semantic
+    ...                                                              # on a miss: call the model
+    if should_store(status, finish_reason=..., text=answer):
+        cache.store(scope, answer, model=..., usage_tokens=usage, cost_micro_usd=cost,
+                    citations=citations, doc_versions=versions, ttl_s=policy.ttl_s)
+
+Scope. An entry is only ever compared with requests of the same *scope*: a hash of the tenant,
+the feature, the system prompt, the model tier, the whole conversation before the last user
+message (roles and contents), whether the answer is grounded, and any extra parameters the
+caller folds in (``max_tokens``, ``stop``, the knowledge request, an end user for per-user
+features). Within a scope the key is the last user message.
+
+Exact: the normalised last user message (:func:`~loadbear.gateway.cache_text.normalize_exact`)
+under a unique index, one indexed read.
+
+Semantic, only after an exact miss: candidates come from word-set neighbourhood keys (an indexed
+``IN`` on ``cache_keys``, see :mod:`loadbear.gateway.cache_text`), never from a scan, so a lookup
+costs the same with 100k entries in the scope. Candidates then pass three gates, cheapest first:
+the look-alike guard (entities, numbers, negations, contrast words must agree), a static
+bag-of-word-pieces embedding (~50 µs) that drops candidates far from the question, and only then
+the real embedding (all-MiniLM-L6-v2 by default): cosine ≥ the tenant's threshold (0.95 by
+default). The query's MiniLM embedding is therefore computed only when a plausible candidate
+exists; a lookup that finds none costs two indexed reads and some string work.
+
+Grounded answers record ``(document_id, version)`` of their sources (``cache_entry_documents``).
+``invalidate_documents`` / ``invalidate_stale`` (from ``Gateway.knowledge_changed``) delete the
+entries of changed or deleted documents, and every hit is verified again against ``documents``
+(and against the current request's retrieval, when given) before it is served: a missed
+invalidation can cost a hit, never serve a stale grounded answer.
+
+Writes (embedding the question, inserting the entry, its keys and documents) happen on one
+background thread, batched; ``store`` only enqueues. Hits are counted the same way.
+
+Isolation: every statement filters on the tenant and runs in ``db.tenant_tx(tenant)``, so on
+PostgreSQL row-level security (``0008_cache``) holds under the SQL; the scope hash includes the
+tenant as well, so even the keys of two tenants never coincide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import orjson
+
+from loadbear.gateway.cache_text import (
+    StaticEmbedder,
+    content_words,
+    guard,
+    key64,
+    neighbour_signatures,
+    normalize_exact,
+)
+from loadbear.storage.db import Conn, Database
+from loadbear.storage.values import db_time, dumps, iso, loads, utcnow, uuid7
+
+log = logging.getLogger("loadbear.cache")
+
+__all__ = [
+    "CacheHit",
+    "CachePolicy",
+    "CacheScope",
+    "CacheSettings",
+    "ResponseCache",
+    "doc_versions_from_citations",
+    "should_store",
+    "stream_pieces",
+]
+
+SCOPE_VERSION = "lbc1"
+SYSTEM_ROLES = ("system", "developer")
+
+
+# -- settings -------------------------------------------------------------------------------
+
+
+@dataclass
+class CachePolicy:
+    """What one tenant asked for. ``for_tenant`` reads optional ``TenantSettings`` fields
+    (``cache_enabled``, ``cache_semantic``, ``cache_threshold``, ``cache_degraded_threshold``,
+    ``cache_ttl_s``) and falls back to these defaults."""
+
+    enabled: bool = True
+    semantic: bool = True
+    threshold: float = 0.95
+    degraded_threshold: float = 0.85
+    ttl_s: int = 86_400
+
+    @classmethod
+    def for_tenant(cls, tenant_settings: Any) -> "CachePolicy":
+        d = cls()
+        return cls(
+            enabled=bool(getattr(tenant_settings, "cache_enabled", d.enabled)),
+            semantic=bool(getattr(tenant_settings, "cache_semantic", d.semantic)),
+            threshold=float(getattr(tenant_settings, "cache_threshold", d.threshold)),
+            degraded_threshold=float(getattr(tenant_settings, "cache_degraded_threshold", d.degraded_threshold)),
+            ttl_s=int(getattr(tenant_settings, "cache_ttl_s", d.ttl_s)),
+        )
+
+
+@dataclass
+class CacheSettings:
+    """Process-wide knobs (the defaults are what the benchmark measured)."""
+
+    # Candidates whose static (bag-of-word-pieces) cosine with the question is below this are
+    # dropped before the question is embedded with the real model.
+    static_gate: float = 0.80
+    # At most this many neighbourhood candidates are compared per lookup (most shared keys first).
+    max_candidates: int = 16
+    # Questions longer than this are cached exactly only (MiniLM reads 256 word pieces anyway).
+    semantic_max_chars: int = 2000
+    # Answers longer than this are not stored.
+    max_answer_chars: int = 100_000
+    # The degraded lookup also compares this many of the scope's most recent entries.
+    degraded_scan: int = 5000
+    # Background writer: queue bound (stores beyond it are dropped and counted) and batch size.
+    queue_max: int = 10_000
+    batch_size: int = 32
+    default_threshold: float = 0.95
+    default_degraded_threshold: float = 0.85
+    default_ttl_s: int = 86_400
+
+
+# -- values ---------------------------------------------------------------------------------
+
+
+@dataclass
+class CacheScope:
+    """Where a request's answer may come from and go to. Made by :meth:`ResponseCache.key_for`."""
+
+    tenant_id: str
+    feature: str
+    tier: str
+    scope_hash: str
+    query_text: str
+    exact_hash: str
+    keys: list[int]
+    grounded: bool
+    doc_versions: dict[str, int] | None
+    cacheable: bool = True
+    reason: str | None = None  # why not cacheable
+    # Filled by a lookup that had to embed the question; reused by ``store`` (no second embedding).
+    query_vector: np.ndarray | None = field(default=None, repr=False)
+    embedding_model: str | None = None
+
+
+@dataclass(frozen=True)
+class CacheHit:
+    entry_id: str
+    kind: str  # "exact" | "semantic"
+    similarity: float
+    text: str
+    model: str
+    cost_micro_usd: int  # what the original answer cost: the savings ledger credits it
+    prompt_tokens: int
+    completion_tokens: int
+    citations: list[dict[str, Any]] | None
+    query_text: str  # the question the entry was stored for
+    created_at: str | None = None
+    degraded: bool = False
+
+
+def should_store(status: str | None, *, finish_reason: str | None = "stop", text: str | None = "",
+                 cached: bool = False, degraded: bool = False, continued: bool = False,
+                 bypass: bool = False, error: Any = None) -> bool:
+    """Whether a finished answer may enter the cache: only complete, normal, model-made answers.
+
+    Never: errors, degraded answers, cancelled or cut streams, answers served from the cache,
+    answers spliced by a continuation after a mid-stream failure, truncated answers
+    (``finish_reason`` other than ``stop``), empty answers, or requests that said ``"cache": false``.
+    """
+    if status != "ok" or cached or degraded or continued or bypass or error is not None:
+        return False
+    if finish_reason not in ("stop", None):
+        return False
+    return bool(text and text.strip())
+
+
+def doc_versions_from_citations(citations: Iterable[Mapping[str, Any]] | None) -> dict[str, int]:
+    """``{document_id: version}`` of a grounded answer's citations (``Grounding.citations()``)."""
+    out: dict[str, int] = {}
+    for c in citations or ():
+        doc, version = c.get("document_id"), c.get("version")
+        if doc is not None and version is not None:
+            out[str(doc)] = int(version)
+    return out
+
+
+def stream_pieces(text: str, words: int = 4) -> list[str]:
+    """A cached answer cut into stream deltas of a few words (joined, they are the text again)."""
+    if not text:
+        return []
+    parts = text.split(" ")
+    return [" ".join(parts[i:i + words]) + (" " if i + words < len(parts) else "")
+            for i in range(0, len(parts), words)]
+
+
+# -- the cache ------------------------------------------------------------------------------
+
+_STOP = object()
+
+
+class ResponseCache:
+    """Exact + semantic response cache over the database's ``cache_*`` tables."""
+
+    def __init__(self, db: Database, embedder_factory: Callable[[], Any] | None = None,
+                 settings: CacheSettings | None = None, *, static: StaticEmbedder | None | bool = None,
+                 background: bool = True) -> None:
+        self.db = db
+        self.settings = settings or CacheSettings()
+        self._embedder_factory = embedder_factory
+        self._embedder: Any = None
+        self._static: StaticEmbedder | None = static if isinstance(static, StaticEmbedder) else None
+        self._static_off = static is False
+        self._init_lock = threading.Lock()
+        self.background = background
+        self._queue: "queue.Queue[Any]" = queue.Queue(self.settings.queue_max)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.dropped = 0  # stores refused because the queue was full
+        self.counters: dict[str, int] = {"lookups": 0, "exact": 0, "semantic": 0, "embedded": 0,
+                                         "guard_rejects": 0, "gate_rejects": 0, "stale_rejects": 0}
+
+    # -- embedders ---------------------------------------------------------------------------
+
+    @property
+    def embedder(self) -> Any:
+        if self._embedder is None:
+            with self._init_lock:
+                if self._embedder is None:
+                    if self._embedder_factory is not None:
+                        self._embedder = self._embedder_factory()
+                    else:
+                        from loadbear.knowledge.embeddings import get_embedder
+
+                        self._embedder = get_embedder(None)
+        return self._embedder
+
+    @property
+    def static(self) -> StaticEmbedder | None:
+        if self._static is None and not self._static_off:
+            with self._init_lock:
+                if self._static is None and not self._static_off:
+                    try:
+                        from loadbear.knowledge.embeddings import MiniLMEmbedder
+
+                        e = self._embedder if isinstance(self._embedder, MiniLMEmbedder) else None
+                        self._static = StaticEmbedder.from_minilm(e)
+                    except Exception as exc:  # MiniLM not installed: no gate, MiniLM-free setups still work
+                        log.warning("response cache: no static pre-filter (%s)", exc)
+                        self._static_off = True
+        return self._static
+
+    def embed_query(self, text: str) -> np.ndarray:
+        self.counters["embedded"] += 1
+        return np.asarray(self.embedder.embed([text])[0], dtype=np.float32)
+
+    # -- scope -------------------------------------------------------------------------------
+
+    def key_for(self, tenant_id: str, feature: str, messages: Sequence[Mapping[str, Any]], tier: str | None,
+                grounding_doc_versions: Mapping[str, int] | Iterable[Mapping[str, Any]] | None = None, *,
+                extra: Mapping[str, Any] | None = None) -> CacheScope:
+        """The request's scope and keys. ``grounding_doc_versions``: None for an ungrounded request,
+        else the retrieved sources as ``{document_id: version}`` (or the citations list)."""
+        tenant_id = str(tenant_id)
+        msgs = list(messages)
+        grounded = grounding_doc_versions is not None
+        versions: dict[str, int] | None = None
+        if grounded:
+            versions = (dict((str(k), int(v)) for k, v in grounding_doc_versions.items())  # type: ignore[union-attr]
+                        if isinstance(grounding_doc_versions, Mapping)
+                        else doc_versions_from_citations(grounding_doc_versions))  # type: ignore[arg-type]
+        i = 0
+        while i < len(msgs) and msgs[i].get("role") in SYSTEM_ROLES:
+            i += 1
+        system = [_msg_text(m) for m in msgs[:i]]
+        last = msgs[-1] if msgs else None
+        query = _content(last) if last is not None else ""
+        context = [[m.get("role"), _content(m)] for m in msgs[i:-1]] if last is not None else []
+        material = orjson.dumps(
+            [SCOPE_VERSION, tenant_id, feature, tier or "", _sha(orjson.dumps(system)), _sha(orjson.dumps(context)),
+             grounded, extra or {}], option=orjson.OPT_SORT_KEYS)
+        scope_hash = _sha(material)
+        norm = normalize_exact(query)
+        reason = None
+        if last is None or last.get("role") != "user":
+            reason = "last message is not a user message"
+        elif not norm:
+            reason = "empty question"
+        elif grounded and not versions:
+            reason = "grounded answer without sources"
+        elif versions and any(_uuid(d) is None for d in versions):
+            reason = "malformed document id"
+        keys: list[int] = []
+        if reason is None and len(query) <= self.settings.semantic_max_chars:
+            keys = [key64(scope_hash, sig) for sig in neighbour_signatures(content_words(query))]
+        return CacheScope(
+            tenant_id=tenant_id, feature=feature, tier=tier or "", scope_hash=scope_hash, query_text=query,
+            exact_hash=_sha((scope_hash + "\x00" + norm).encode("utf-8")), keys=keys, grounded=grounded,
+            doc_versions=versions, cacheable=reason is None, reason=reason,
+        )
+
+    # -- lookup ------------------------------------------------------------------------------
+
+    async def lookup(self, scope: CacheScope, query_text: str | None = None, threshold: float | None = None, *,
+                     query_vector: Any = None, semantic: bool = True) -> CacheHit | None:
+        """Exact, then (after an exact miss) semantic. Runs in a worker thread: the reads and the
+        query embedding (when needed) never block the event loop."""
+        if not scope.cacheable:
+            return None
+        return await asyncio.to_thread(self.lookup_sync, scope, query_text, threshold,
+                                       query_vector=query_vector, semantic=semantic)
+
+    async def lookup_degraded(self, scope: CacheScope, query_text: str | None = None,
+                              threshold: float | None = None) -> CacheHit | None:
+        """Every model failed: the most similar cached answer at a looser threshold (0.85 by default),
+        marked ``degraded``. Also compares the scope's most recent entries, not only neighbours."""
+        if not scope.cacheable:
+            return None
+        return await asyncio.to_thread(self.lookup_degraded_sync, scope, query_text, threshold)
+
+    def lookup_sync(self, scope: CacheScope, query_text: str | None = None, threshold: float | None = None, *,
+                    query_vector: Any = None, semantic: bool = True, now: datetime | None = None) -> CacheHit | None:
+        if not scope.cacheable:
+            return None
+        self.counters["lookups"] += 1
+        query = scope.query_text if query_text is None else query_text
+        threshold = self.settings.default_threshold if threshold is None else float(threshold)
+        now = now or utcnow()
+        t = self._t(now)
+        with self.db.tenant_tx(scope.tenant_id, write=False) as c:
+            row = c.fetchone(
+                f"SELECT {_HIT_COLUMNS} FROM cache_entries WHERE tenant_id = ? AND scope_hash = ? AND exact_hash = ?"
+                " AND expires_at > ?", (scope.tenant_id, scope.scope_hash, scope.exact_hash, t))
+            if row is not None:
+                if not row["grounded"] or self._docs_valid(c, scope, str(row["id"])):
+                    self.counters["exact"] += 1
+                    hit = _hit(row, "exact", 1.0)
+                    self._note_hit(scope.tenant_id, hit.entry_id, now)
+                    return hit
+                self.counters["stale_rejects"] += 1
+            if not semantic or not scope.keys:
+                return None
+            cands = self._candidates(c, scope, t)
+        return self._semantic(scope, query, cands, threshold, query_vector, now, degraded=False)
+
+    def lookup_degraded_sync(self, scope: CacheScope, query_text: str | None = None,
+                             threshold: float | None = None, now: datetime | None = None) -> CacheHit | None:
+        if not scope.cacheable:
+            return None
+        query = scope.query_text if query_text is None else query_text
+        threshold = self.settings.default_degraded_threshold if threshold is None else float(threshold)
+        now = now or utcnow()
+        t = self._t(now)
+        with self.db.tenant_tx(scope.tenant_id, write=False) as c:
+            row = c.fetchone(
+                f"SELECT {_HIT_COLUMNS} FROM cache_entries WHERE tenant_id = ? AND scope_hash = ? AND exact_hash = ?"
+                " AND expires_at > ?", (scope.tenant_id, scope.scope_hash, scope.exact_hash, t))
+            if row is not None and (not row["grounded"] or self._docs_valid(c, scope, str(row["id"]))):
+                hit = _hit(row, "exact", 1.0, degraded=True)
+                self._note_hit(scope.tenant_id, hit.entry_id, now)
+                return hit
+            cands = self._candidates(c, scope, t) if scope.keys else []
+            seen = {r["id"] for r in cands}
+            recent = c.fetchall(
+                "SELECT id, query_text, embedding_model, embedding, 0 AS n FROM cache_entries"
+                " WHERE tenant_id = ? AND scope_hash = ? AND expires_at > ? ORDER BY created_at DESC LIMIT ?",
+                (scope.tenant_id, scope.scope_hash, t, int(self.settings.degraded_scan)))
+            cands += [r for r in recent if r["id"] not in seen]
+        return self._semantic(scope, query, cands, threshold, None, now, degraded=True, gate=False)
+
+    def _candidates(self, c: Conn, scope: CacheScope, t: Any) -> list[dict[str, Any]]:
+        if c.dialect == "postgres":
+            keys_sql, keys_param = "k.key = ANY(?::bigint[])", list(scope.keys)
+        else:
+            keys_sql, keys_param = "k.key IN (SELECT value FROM json_each(?))", dumps(scope.keys)
+        return c.fetchall(
+            "SELECT e.id, e.query_text, e.embedding_model, e.embedding, COUNT(*) AS n"
+            " FROM cache_keys k JOIN cache_entries e ON e.id = k.entry_id"
+            f" WHERE k.tenant_id = ? AND {keys_sql} AND e.tenant_id = ? AND e.scope_hash = ? AND e.expires_at > ?"
+            " GROUP BY e.id ORDER BY n DESC, e.created_at DESC LIMIT ?",
+            (scope.tenant_id, keys_param, scope.tenant_id, scope.scope_hash, t, int(self.settings.max_candidates)))
+
+    def _semantic(self, scope: CacheScope, query: str, cands: list[dict[str, Any]], threshold: float,
+                  query_vector: Any, now: datetime, *, degraded: bool, gate: bool = True) -> CacheHit | None:
+        if not cands:
+            return None
+        # 1. the look-alike guard (string work only)
+        kept = []
+        for r in cands:
+            if guard(query, r["query_text"]) is None:
+                kept.append(r)
+            else:
+                self.counters["guard_rejects"] += 1
+        if not kept:
+            return None
+        # 2. the static gate (~50 µs a text) before paying for the real embedding
+        st = self.static if gate else None
+        if st is not None and self.settings.static_gate > -1:
+            vecs = st.embed([query] + [r["query_text"] for r in kept])
+            sims = vecs[1:] @ vecs[0]
+            before = len(kept)
+            kept = [r for r, s in zip(kept, sims) if s >= self.settings.static_gate]
+            self.counters["gate_rejects"] += before - len(kept)
+            if not kept:
+                return None
+        # 3. the real embedding
+        name = getattr(self.embedder, "name", None)
+        kept = [r for r in kept if r["embedding"] is not None and r["embedding_model"] == name]
+        if not kept:
+            return None
+        qv = query_vector if query_vector is not None else scope.query_vector
+        if qv is None:
+            qv = self.embed_query(query)
+        qv = np.asarray(qv, dtype=np.float32).reshape(-1)
+        scope.query_vector, scope.embedding_model = qv, name
+        rows = [np.frombuffer(bytes(r["embedding"]), dtype="<f4") for r in kept]
+        ok = [(r, v) for r, v in zip(kept, rows) if v.shape == qv.shape]
+        if not ok:
+            return None
+        sims = np.stack([v for _, v in ok]) @ qv
+        order = np.argsort(-sims, kind="stable")
+        for j in order:
+            sim = float(sims[j])
+            if sim < threshold:
+                break
+            hit = self._fetch(scope, str(ok[j][0]["id"]), sim, now, degraded)
+            if hit is not None:
+                self.counters["semantic"] += 1
+                self._note_hit(scope.tenant_id, hit.entry_id, now)
+                return hit
+        return None
+
+    def _fetch(self, scope: CacheScope, entry_id: str, sim: float, now: datetime, degraded: bool) -> CacheHit | None:
+        with self.db.tenant_tx(scope.tenant_id, write=False) as c:
+            row = c.fetchone(f"SELECT {_HIT_COLUMNS} FROM cache_entries WHERE id = ? AND tenant_id = ?"
+                             " AND expires_at > ?", (entry_id, scope.tenant_id, self._t(now)))
+            if row is None:
+                return None
+            if row["grounded"] and not self._docs_valid(c, scope, entry_id):
+                self.counters["stale_rejects"] += 1
+                return None
+        return _hit(row, "semantic", sim, degraded=degraded)
+
+    def _docs_valid(self, c: Conn, scope: CacheScope, entry_id: str) -> bool:
+        """A grounded entry is served only if each of its documents still has the version it was
+        built from, and (when the request retrieved sources) each is among them at that version."""
+        rows = c.fetchall(
+            "SELECT ced.document_id, ced.version, d.version AS current FROM cache_entry_documents ced"
+            " LEFT JOIN documents d ON d.id = ced.document_id AND d.tenant_id = ced.tenant_id"
+            " WHERE ced.entry_id = ? AND ced.tenant_id = ?", (entry_id, scope.tenant_id))
+        if not rows:
+            return False
+        for r in rows:
+            if r["current"] is None or int(r["current"]) != int(r["version"]):
+                return False
+            if scope.doc_versions is not None and scope.doc_versions.get(str(r["document_id"])) != int(r["version"]):
+                return False
+        return True
+
+    # -- store -------------------------------------------------------------------------------
+
+    def store(self, scope: CacheScope, query_text: str | None = None, answer_text: str = "", *, model: str,
+              usage_tokens: Any = None, cost_micro_usd: int = 0, citations: list[dict[str, Any]] | None = None,
+              doc_versions: Mapping[str, int] | None = None, ttl_s: float | None = None,
+              now: datetime | None = None) -> bool:
+        """Queue an answer for the cache (cheap: the embedding and the writes happen on the writer
+        thread). Returns False when it cannot be cached (scope, size, full queue). The caller
+        decides *whether* with :func:`should_store`."""
+        if not scope.cacheable or not answer_text or len(answer_text) > self.settings.max_answer_chars:
+            return False
+        query = scope.query_text if query_text is None else query_text
+        versions = dict(doc_versions) if doc_versions is not None else scope.doc_versions
+        if scope.grounded and not versions:
+            return False
+        prompt_tokens, completion_tokens = _usage(usage_tokens)
+        now = now or utcnow()
+        ttl = self.settings.default_ttl_s if ttl_s is None else float(ttl_s)
+        if ttl <= 0:
+            return False
+        item = _Store(scope=scope, query=query, answer=answer_text, model=model, prompt_tokens=prompt_tokens,
+                      completion_tokens=completion_tokens, cost=int(cost_micro_usd or 0), citations=citations,
+                      versions=versions, created=now, expires=now + timedelta(seconds=ttl),
+                      vector=scope.query_vector if query == scope.query_text else None,
+                      vector_model=scope.embedding_model)
+        if not self.background:
+            self._write([item])
+            return True
+        return self._enqueue(item)
+
+    def store_sync(self, scope: CacheScope, query_text: str | None = None, answer_text: str = "", **kw: Any) -> bool:
+        """``store`` written before it returns (tests, benchmarks, CLI)."""
+        bg, self.background = self.background, False
+        try:
+            return self.store(scope, query_text, answer_text, **kw)
+        finally:
+            self.background = bg
+
+    def _enqueue(self, item: Any) -> bool:
+        if self._closed:
+            return False
+        self._ensure_writer()
+        try:
+            self._queue.put_nowait(item)
+            return True
+        except queue.Full:
+            self.dropped += 1
+            return False
+
+    def _note_hit(self, tenant_id: str, entry_id: str, now: datetime) -> None:
+        if self.background and not self._closed:
+            self._ensure_writer()
+            try:
+                self._queue.put_nowait(_Hit(tenant_id, entry_id, now))
+            except queue.Full:
+                pass
+
+    def _ensure_writer(self) -> None:
+        if self._thread is None:
+            with self._init_lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="loadbear-cache-writer", daemon=True)
+                    self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            batch = [item]
+            while len(batch) < self.settings.batch_size:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(x is _STOP for x in batch)
+            try:
+                self._write([x for x in batch if x is not _STOP])
+            except Exception:  # a cache write may fail; the request it came from has long been answered
+                log.exception("response cache: writing %d item(s) failed", len(batch))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+            if stop:
+                return
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until everything queued so far is written (tests, benchmarks, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.002)
+        return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            try:
+                self._queue.put(_STOP, timeout=timeout)
+            except queue.Full:
+                pass
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _write(self, items: list[Any]) -> None:
+        stores = [x for x in items if isinstance(x, _Store)]
+        hits = [x for x in items if isinstance(x, _Hit)]
+        if stores:
+            self._embed_missing(stores)
+            by_tenant: dict[str, list[_Store]] = {}
+            for s in stores:
+                by_tenant.setdefault(s.scope.tenant_id, []).append(s)
+            for tenant, group in by_tenant.items():
+                with self.db.tenant_tx(tenant) as c:
+                    for s in group:
+                        self._insert(c, s)
+        if hits:
+            by_tenant_h: dict[str, list[_Hit]] = {}
+            for h in hits:
+                by_tenant_h.setdefault(h.tenant_id, []).append(h)
+            for tenant, group in by_tenant_h.items():
+                with self.db.tenant_tx(tenant) as c:
+                    c.executemany("UPDATE cache_entries SET hits = hits + 1, last_hit_at = ? WHERE id = ? AND tenant_id = ?",
+                                  [(self._t(h.at), h.entry_id, tenant) for h in group])
+
+    def _embed_missing(self, stores: list["_Store"]) -> None:
+        need = [s for s in stores if s.scope.keys and (s.vector is None or s.vector_model != self._embedder_name())]
+        if not need:
+            return
+        try:
+            vecs = np.asarray(self.embedder.embed([s.query for s in need]), dtype=np.float32)
+        except Exception:
+            log.exception("response cache: embedding %d question(s) failed; stored for exact hits only", len(need))
+            for s in need:
+                s.vector = None
+            return
+        name = self._embedder_name()
+        for s, v in zip(need, vecs):
+            s.vector, s.vector_model = v, name
+
+    def _embedder_name(self) -> str | None:
+        try:
+            return getattr(self.embedder, "name", None)
+        except Exception:
+            return None
+
+    def _insert(self, c: Conn, s: "_Store") -> None:
+        sc = s.scope
+        if sc.grounded:
+            # Never store an answer whose sources changed while it was being written.
+            if not s.versions or not self._versions_current(c, sc.tenant_id, s.versions):
+                return
+        c.execute("DELETE FROM cache_entries WHERE tenant_id = ? AND scope_hash = ? AND exact_hash = ?",
+                  (sc.tenant_id, sc.scope_hash, sc.exact_hash))
+        entry_id = uuid7()
+        vec = s.vector
+        blob = None if vec is None else np.ascontiguousarray(vec, dtype="<f4").tobytes()
+        c.execute(
+            "INSERT INTO cache_entries (id, tenant_id, scope_hash, exact_hash, feature, tier, query_text, answer_text,"
+            " model, prompt_tokens, completion_tokens, cost_micro_usd, citations, grounded, embedding_model, embedding,"
+            " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (entry_id, sc.tenant_id, sc.scope_hash, sc.exact_hash, sc.feature, sc.tier, s.query, s.answer, s.model,
+             s.prompt_tokens, s.completion_tokens, s.cost, None if s.citations is None else dumps(s.citations),
+             sc.grounded, s.vector_model if blob is not None else None, blob, self._t(s.created),
+             self._t(s.expires)))
+        keys = sc.keys if s.query == sc.query_text else [
+            key64(sc.scope_hash, sig) for sig in neighbour_signatures(content_words(s.query))]
+        if keys and blob is not None:
+            conflict = " ON CONFLICT DO NOTHING"
+            c.executemany("INSERT INTO cache_keys (tenant_id, key, entry_id) VALUES (?, ?, ?)" + conflict,
+                          [(sc.tenant_id, k, entry_id) for k in dict.fromkeys(keys)])
+        if sc.grounded and s.versions:
+            c.executemany("INSERT INTO cache_entry_documents (entry_id, tenant_id, document_id, version) VALUES (?, ?, ?, ?)",
+                          [(entry_id, sc.tenant_id, d, int(v)) for d, v in s.versions.items()])
+
+    def _versions_current(self, c: Conn, tenant_id: str, versions: Mapping[str, int]) -> bool:
+        ids = [d for d in versions if _uuid(d) is not None]
+        if len(ids) != len(versions):
+            return False
+        if c.dialect == "postgres":
+            rows = c.fetchall("SELECT id, version FROM documents WHERE tenant_id = ? AND id = ANY(?::uuid[])",
+                              (tenant_id, ids))
+        else:
+            rows = c.fetchall("SELECT id, version FROM documents WHERE tenant_id = ?"
+                              " AND id IN (SELECT value FROM json_each(?))", (tenant_id, dumps(ids)))
+        current = {str(r["id"]): int(r["version"]) for r in rows}
+        return all(current.get(d) == int(v) for d, v in versions.items())
+
+    # -- invalidation and housekeeping -------------------------------------------------------
+
+    def invalidate_documents(self, tenant_id: str, doc_ids: Iterable[str]) -> int:
+        """Delete the tenant's entries built from any of these documents; returns how many."""
+        tenant_id = str(tenant_id)
+        ids = [u for u in (_uuid(d) for d in doc_ids) if u is not None]
+        if not ids:
+            return 0
+        with self.db.tenant_tx(tenant_id) as c:
+            if c.dialect == "postgres":
+                sub = "document_id = ANY(?::uuid[])"
+                param: Any = ids
+            else:
+                sub = "document_id IN (SELECT value FROM json_each(?))"
+                param = dumps(ids)
+            return int(c.execute(
+                "DELETE FROM cache_entries WHERE tenant_id = ? AND id IN (SELECT entry_id FROM cache_entry_documents"
+                f" WHERE tenant_id = ? AND {sub})", (tenant_id, tenant_id, param)).rowcount or 0)
+
+    def invalidate_stale(self, tenant_id: str) -> int:
+        """Delete the tenant's grounded entries whose documents changed or are gone; returns how many.
+        What ``Gateway.knowledge_changed(tenant_id)`` calls (it is not told which documents)."""
+        tenant_id = str(tenant_id)
+        with self.db.tenant_tx(tenant_id) as c:
+            return int(c.execute(
+                "DELETE FROM cache_entries WHERE tenant_id = ? AND id IN ("
+                " SELECT ced.entry_id FROM cache_entry_documents ced"
+                " LEFT JOIN documents d ON d.id = ced.document_id AND d.tenant_id = ced.tenant_id"
+                " WHERE ced.tenant_id = ? AND (d.id IS NULL OR d.version <> ced.version))",
+                (tenant_id, tenant_id)).rowcount or 0)
+
+    knowledge_changed = invalidate_stale
+
+    def clear(self, tenant_id: str) -> int:
+        """Delete every entry of the tenant."""
+        with self.db.tenant_tx(str(tenant_id)) as c:
+            return int(c.execute("DELETE FROM cache_entries WHERE tenant_id = ?", (str(tenant_id),)).rowcount or 0)
+
+    def purge_expired(self, now: datetime | None = None, limit: int = 10_000) -> int:
+        """Delete expired entries of every tenant (with their keys and documents), at most ``limit``
+        per call; returns how many. Run it periodically (admin work: ``system_tx``)."""
+        t = self._t(now or utcnow())
+        with self.db.system_tx() as c:
+            if c.dialect == "postgres":
+                sql = ("DELETE FROM cache_entries WHERE id IN (SELECT id FROM cache_entries WHERE expires_at <= ?"
+                       " LIMIT ?)")
+            else:
+                sql = "DELETE FROM cache_entries WHERE id IN (SELECT id FROM cache_entries WHERE expires_at <= ? LIMIT ?)"
+            return int(c.execute(sql, (t, int(limit))).rowcount or 0)
+
+    def count(self, tenant_id: str) -> int:
+        with self.db.tenant_tx(str(tenant_id), write=False) as c:
+            return int(c.scalar("SELECT COUNT(*) FROM cache_entries WHERE tenant_id = ?", (str(tenant_id),)) or 0)
+
+    def _t(self, dt: datetime) -> Any:
+        return db_time(self.db.dialect, dt)
+
+
+# -- internals ------------------------------------------------------------------------------
+
+_HIT_COLUMNS = ("id, answer_text, model, cost_micro_usd, prompt_tokens, completion_tokens, citations, query_text,"
+                " created_at, grounded")
+
+
+@dataclass
+class _Store:
+    scope: CacheScope
+    query: str
+    answer: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost: int
+    citations: list[dict[str, Any]] | None
+    versions: dict[str, int] | None
+    created: datetime
+    expires: datetime
+    vector: np.ndarray | None = None
+    vector_model: str | None = None
+
+
+@dataclass
+class _Hit:
+    tenant_id: str
+    entry_id: str
+    at: datetime
+
+
+def _hit(row: Mapping[str, Any], kind: str, sim: float, degraded: bool = False) -> CacheHit:
+    return CacheHit(
+        entry_id=str(row["id"]), kind=kind, similarity=round(float(sim), 6), text=row["answer_text"],
+        model=row["model"], cost_micro_usd=int(row["cost_micro_usd"]), prompt_tokens=int(row["prompt_tokens"]),
+        completion_tokens=int(row["completion_tokens"]), citations=loads(row["citations"]),
+        query_text=row["query_text"], created_at=iso(row["created_at"]), degraded=degraded,
+    )
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _content(m: Mapping[str, Any]) -> str:
+    c = m.get("content")
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list):  # text parts
+        return "".join(p.get("text", "") for p in c if isinstance(p, Mapping))
+    return "" if c is None else str(c)
+
+
+def _msg_text(m: Mapping[str, Any]) -> list[Any]:
+    return [m.get("role"), _content(m), m.get("name")]
+
+
+def _uuid(value: Any) -> str | None:
+    try:
+        return str(uuid.UUID(str(value)))
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def _usage(u: Any) -> tuple[int, int]:
+    if u is None:
+        return 0, 0
+    if isinstance(u, (tuple, list)):
+        return int(u[0]), int(u[1]) if len(u) > 1 else 0
+    if isinstance(u, Mapping):
+        return int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0))
+    if isinstance(u, int):
+        return 0, int(u)
+    return int(getattr(u, "prompt_tokens", 0)), int(getattr(u, "completion_tokens", 0))
