@@ -33,8 +33,14 @@ writer, from ``/proc/PID/stat`` around the measured part of the phase), and its 
 (VmRSS, VmHWM). At the end the server is stopped gracefully (the ledger flushes) and the rows
 in ``ai_interactions`` are counted against the requests sent through loadbear.
 
+Also per phase: how busy both cores were and how much of that was other processes (on a shared
+machine loadbear may get only part of its core: the share it got and the CPU-bound ceiling,
+1 s / CPU per request, are reported next to the measured throughput).
+
 Results are printed, optionally written as JSON (``--out``), and written as Markdown into the
-"Gateway overhead" section of ``docs/benchmarks.md`` (full runs only; ``--no-docs`` to skip).
+"Gateway overhead" section of ``docs/benchmarks.md`` (full runs only, or ``--quick --docs``;
+``--no-docs`` to skip). ``--quick`` is a smoke run (200 sequential requests, 3 s phases).
+Needs Linux (``/proc``); ``taskset`` is used when present.
 """
 
 from __future__ import annotations
@@ -49,7 +55,6 @@ import shutil
 import signal
 import socket
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,6 +74,44 @@ PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 # simulator write compact JSON, so no spaces.
 CONTENT_RE = re.compile(rb'"content":"[^"]')
 DONE = b"data: [DONE]"
+
+# Where the time goes: py-spy (``record --gil``, 200 Hz) on loadbear at concurrency 32, this
+# benchmark's setup. Kept here so that the docs section stays whole when the benchmark re-runs;
+# update it with the profile when the hot path changes.
+NOTES = """\
+### Where the server's time goes
+
+Profile (py-spy, samples of the event-loop thread holding the GIL; the loop thread is ~90% of
+the server's CPU, the ledger writer threads the rest), 2026-11-27, non-streamed, concurrency 32:
+
+| share of the loop thread | what |
+|--:|---|
+| ~38% | the upstream call through aiohttp (`HttpClient.post`: `ClientSession._request`, request writer, response parser, pool) |
+| ~15% | gateway bookkeeping: `ChatCall` set-up (uuid7, datetimes), executor (`_clamped` copies the model config twice per attempt, attempt record, breaker), `finish()` building the ledger row, ledger submit |
+| ~12% | uvicorn's HTTP protocol (httptools callbacks, task per request) and sending the response |
+| ~11% | the route: auth (header, sha256 of the key, cache), body read, `parse_chat_body`, JSON response |
+| ~7% | FastAPI/Starlette layers still outside `BodyLimit`; half of it is FastAPI's native-telemetry check (`NativeTelemetry.enabled` reads `os.environ` and the tracer provider on every request) |
+| ~13% | the event loop itself (epoll, callbacks, task steps) |
+
+Streamed, concurrency 32: the upstream side dominates: opening the stream with aiohttp ~21%,
+reading it (aiohttp's `StreamReader` per HTTP chunk, SSE parsing, `orjson.loads` per event) ~15%,
+the three async generators (provider, executor, `ChatStream.body`) and chunk serialisation ~10%,
+the rest as above. At concurrency 1 every upstream event arrives in its own read and costs a
+wake-up, a parse and a send of its own: that is why a stream costs about twice the CPU at c=1.
+
+Standalone, against the same simulator, aiohttp's client costs 0.29-0.31 ms of CPU per
+non-streamed call and 0.55-0.8 ms per 20-chunk stream; the benchmark's raw asyncio client does
+the same exchange for 0.08-0.10 ms (non-streamed) and 0.3-0.45 ms (streamed, with its own
+bookkeeping). A lean HTTP/1.1 upstream client (asyncio protocol + httptools parser, own pool)
+is the largest remaining saving: ~0.2 ms per request, ~0.4 ms per stream.
+
+What was changed for this benchmark (A/B medians of 5-6 alternating 5 s runs at concurrency 32,
+same machine, same time): `POST /v1/chat/completions` is served by `BodyLimit` directly instead
+of FastAPI's exception middleware, router walk and dependency solving (same exception handlers,
+so the same error shapes); SSE chunks produced back to back go out in one send; the request id
+is drawn without building a `UUID`. Server CPU per non-streamed request 1.37 -> 1.10 ms, per
+streamed request 2.35 -> 1.63 ms.
+"""
 
 TARGETS = {
     "added_p50_ms_c1": 1.0,        # added at p50 at concurrency 1, streaming TTFB included
@@ -187,8 +230,11 @@ class Response:
 class Conn(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection; one request at a time."""
 
+    TIMEOUT = 60.0  # a request that takes longer is an error (and its connection is dropped)
+
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self.timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.waiter: asyncio.Future | None = None
@@ -215,9 +261,7 @@ class Conn(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closed = True
         if self.waiter is not None and not self.waiter.done():
-            self.resp.error = f"connection lost: {exc or 'closed by peer'}"
-            self.resp.t_end = time.perf_counter()
-            self.waiter.set_result(self.resp)
+            self._finish(time.perf_counter(), f"connection lost: {exc or 'closed by peer'}")
 
     def request(self, data: bytes, stream: bool) -> asyncio.Future:
         self.resp = Response()
@@ -227,8 +271,15 @@ class Conn(asyncio.Protocol):
         self.scan = 0
         self.buf.clear()
         self.waiter = self.loop.create_future()
+        self.timer = self.loop.call_later(self.TIMEOUT, self._timed_out)
         self.transport.write(data)
         return self.waiter
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.waiter is not None and not self.waiter.done():
+            self._finish(time.perf_counter(), f"no complete response within {self.TIMEOUT:g}s")
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         now = time.perf_counter()
@@ -245,6 +296,9 @@ class Conn(asyncio.Protocol):
             self.transport.close()
 
     def _finish(self, now: float, error: str | None = None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         resp = self.resp
         resp.t_end = now
         resp.error = error
@@ -461,7 +515,6 @@ class Bench:
             phase.server_loop_cpu_ms = round((threads1[0] - threads0[0]) * 1000 / max(done, 1), 3)
             phase.server_threads_cpu_ms = round((threads1[1] - threads0[1]) * 1000 / max(done, 1), 3)
             phase.server_mem = proc_mem(self.server_pid)
-        if server0 is not None:
             phase.server_share_pct = round(100 * (srv_all1 - server0) / elapsed, 1)
         wall_s = max(core_s1[1] - core_s0[1], 1e-9)
         wall_c = max(core_c1[1] - core_c0[1], 1e-9)
@@ -643,6 +696,7 @@ def markdown(result: dict[str, Any]) -> str:
     notes = result.get("notes")
     if notes:
         lines += ["", *notes]
+    lines += ["", NOTES.rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 

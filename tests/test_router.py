@@ -69,6 +69,25 @@ def test_rules_classify_with_a_reason(text, tier, in_reason):
     assert json.dumps(c.public_features())  # JSON-ready for the ledger
 
 
+@pytest.mark.parametrize("text,feature,value", [
+    ("Let me know if the order shipped; thanks.", "code_block", 0),
+    ("x = compute();\ny = other();", "code_block", 1),
+    ("const f = (a) => a + 1", "code_block", 1),
+    ("Traceback (most recent call last):\n  File \"a.py\"", "code_block", 1),
+    ("Please fix the bug in my login function", "code_request", 1),
+    ("Fix my bike please, the chain is loose", "code_request", 0),
+    ("1. first\n2) second\n- third\n10. tenth\n3.5 is a number", "parts", 4),
+    ("Is Postgres better than MySQL?", "comparison_cues", 1),
+    ("That's better, thank you", "comparison_cues", 0),
+    ("Describe it step-by-step, in detail", "reasoning_cues", 2),
+    ("What?? Really?", "questions", 2),
+])
+def test_features(text, feature, value):
+    from loadbear.gateway.router import extract_features
+
+    assert extract_features(user(text))[feature] == value
+
+
 def test_conversation_depth_and_grounding_move_the_score():
     deep = []
     for i in range(6):
@@ -132,7 +151,8 @@ def test_forbidden_tier_falls_back_to_the_nearest_allowed_one(catalog):
 def test_forbidden_tiers_leave_chains_and_explicit_models(catalog):
     r = Router()
     s = TenantSettings(forbidden_tiers=["simple"])
-    assert [m.name for m in r.tenant_chain(catalog, s, "gpt-4o")] == ["gpt-4o"]
+    # The simple models leave the chain; what they fall back to (local) stays.
+    assert [m.name for m in r.tenant_chain(catalog, s, "gpt-4o")] == ["gpt-4o", "local"]
     assert not model_allowed(s, catalog.get("gpt-4o-mini")) and model_allowed(s, catalog.get("gpt-4o"))
     s = TenantSettings(forbidden_tiers=["local"])
     assert [m.name for m in r.tenant_chain(catalog, s, "gpt-4o")] == ["gpt-4o", "gpt-4o-mini",

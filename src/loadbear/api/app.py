@@ -280,7 +280,11 @@ def create_app(gateway: Gateway, own_gateway: bool = False) -> FastAPI:
     def usage(request: Request, auth: AuthContext = Depends(scope("usage:read"))):
         q = request.query_params
         start, end = parse_period(q.get("from"), q.get("to"))
-        return JSON(tenant_usage(gateway.db, auth.tenant_id, start, end, q.get("group_by", "day")))
+        body = tenant_usage(gateway.db, auth.tenant_id, start, end, q.get("group_by", "day"))
+        budget = gateway.budget.status(auth.tenant)
+        if budget is not None:
+            body["budget"] = budget
+        return JSON(body)
 
     # -- admin --------------------------------------------------------------------------
 

@@ -332,21 +332,30 @@ class DatabaseBudgetStore:
                     expires_at: float) -> StoreAnswer | None:
         tenant_id, month = key
         with self.db.tenant_tx(tenant_id) as c:
-            row = c.fetchone(
-                "UPDATE budget_counters SET reserved_micro_usd = reserved_micro_usd + ?"
-                " WHERE tenant_id = ? AND month = ? AND spent_micro_usd + reserved_micro_usd + ? <= ?"
-                " RETURNING spent_micro_usd AS spent, reserved_micro_usd AS reserved,"
-                " soft_notified_micro_usd AS soft_notified",
-                (amount, tenant_id, month, amount, limit),
-            )
-            if row is None:
+            # On PostgreSQL (read committed) the SELECT after a refused UPDATE sees a newer state:
+            # if a settlement made room in between, try again, so a refusal always reports
+            # figures that really do not fit (bounded: every retry means another request settled).
+            for _ in range(20):
                 row = c.fetchone(
+                    "UPDATE budget_counters SET reserved_micro_usd = reserved_micro_usd + ?"
+                    " WHERE tenant_id = ? AND month = ? AND spent_micro_usd + reserved_micro_usd + ? <= ?"
+                    " RETURNING spent_micro_usd AS spent, reserved_micro_usd AS reserved,"
+                    " soft_notified_micro_usd AS soft_notified",
+                    (amount, tenant_id, month, amount, limit),
+                )
+                if row is not None:
+                    break
+                refused = c.fetchone(
                     "SELECT spent_micro_usd AS spent, reserved_micro_usd AS reserved,"
                     " hard_notified_micro_usd AS hard_notified FROM budget_counters WHERE tenant_id = ? AND month = ?",
                     (tenant_id, month),
                 )
-                if row is None:
+                if refused is None:
                     return None
+                if int(refused["spent"]) + int(refused["reserved"]) + amount > limit:
+                    break
+            if row is None:
+                row = refused
                 events: tuple[str, ...] = ()
                 if int(row["hard_notified"]) < limit and c.fetchone(
                     "UPDATE budget_counters SET hard_notified_micro_usd = ?"

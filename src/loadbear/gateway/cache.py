@@ -703,12 +703,9 @@ class ResponseCache:
         per call; returns how many. Run it periodically (admin work: ``system_tx``)."""
         t = self._t(now or utcnow())
         with self.db.system_tx() as c:
-            if c.dialect == "postgres":
-                sql = ("DELETE FROM cache_entries WHERE id IN (SELECT id FROM cache_entries WHERE expires_at <= ?"
-                       " LIMIT ?)")
-            else:
-                sql = "DELETE FROM cache_entries WHERE id IN (SELECT id FROM cache_entries WHERE expires_at <= ? LIMIT ?)"
-            return int(c.execute(sql, (t, int(limit))).rowcount or 0)
+            return int(c.execute("DELETE FROM cache_entries WHERE id IN"
+                                 " (SELECT id FROM cache_entries WHERE expires_at <= ? LIMIT ?)",
+                                 (t, int(limit))).rowcount or 0)
 
     def count(self, tenant_id: str) -> int:
         with self.db.tenant_tx(str(tenant_id), write=False) as c:

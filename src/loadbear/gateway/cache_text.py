@@ -72,7 +72,7 @@ _NEGATIONS = frozenset("not no never without cannot none nothing nobody nor neit
 
 # Contrast classes: the words of a question from these classes must be the same in both questions.
 _CONTRAST = frozenset(
-    """enable enabled disable disabled activate deactivate turn on off add added remove removed delete deleted
+    """enable enabled disable disabled activate deactivate on off add added remove removed delete deleted
     create created upgrade upgraded downgrade downgraded increase decrease reduce raise lower higher more less fewer
     start stop pause paused resume cancel cancelled canceled import export upload download lock unlock
     subscribe unsubscribe archive unarchive restore allow block deny accept reject decline before after
@@ -85,6 +85,8 @@ _CONTRAST = frozenset(
 # or "on" are too common to compare alone): "on"/"off"/"in"/"out"/"up"/"down" count only right after
 # a verb-like word, which the tokenizer cannot tell, so they are left to the embedding.
 _WEAK_CONTRAST = frozenset("on in out up down".split())
+# Capitalised inside a sentence, yet never a name.
+_NEVER_SALIENT = frozenset("i thanks thank please hi hello hey cheers regards ok okay yes no sorry dear".split())
 _DIRECTION = frozenset("from to into than vs versus over instead".split())
 _ARTICLES = frozenset("a an the my our your their its this that".split())
 
@@ -174,12 +176,14 @@ def neighbour_signatures(words: Sequence[str]) -> list[str]:
 # -- the look-alike guard ----------------------------------------------------------------
 
 
-def salient_features(text: str) -> tuple[dict[str, str], tuple[str, ...], frozenset[str]]:
+def salient_features(text: str) -> tuple[dict[str, str], tuple[str, ...], frozenset[str], dict[str, str]]:
     """What two questions must share for one's answer to serve the other.
 
-    Returns (salient, markers, words): ``salient`` maps each salient token (case-folded) to the
-    direction word before it ("from", "to", ... or ""); ``markers`` are the sorted negations and
-    contrast-class words (stemmed); ``words`` every case-folded token, to check presence in.
+    Returns (salient, markers, words, directed): ``salient`` maps each salient token (case-folded)
+    to the direction word before it ("from", "to", ... or ""); ``markers`` are the sorted negations
+    and contrast-class words (stemmed); ``words`` every case-folded token, to check presence in;
+    ``directed`` maps every word that follows a direction word (articles skipped) to it, whatever
+    its case ("from the free plan to the team plan": free → from, team → to).
     """
     t = unicodedata.normalize("NFKC", text)
     salient: dict[str, str] = {}
@@ -189,13 +193,16 @@ def salient_features(text: str) -> tuple[dict[str, str], tuple[str, ...], frozen
         salient["q:" + q] = ""
         words.add("q:" + q)
     t = _SALIENT_SPECIAL.sub(" ", t)
-    sentence_start = True
     prev: list[str] = []  # case-folded previous tokens (for the direction tag)
-    for raw in _TOKEN.findall(t):
+    for match in _TOKEN.finditer(t):
+        raw = match.group(0)
         tok = raw.rstrip(".,:;!?'’-")
         if not tok:
-            sentence_start = True
             continue
+        j = match.start() - 1
+        while j >= 0 and t[j] in " \t\"'“”‘’([*-":
+            j -= 1
+        sentence_start = j < 0 or t[j] in ".!?:\n;"
         low = _norm_entity(tok.casefold().replace("’", "'"))
         words.add(low)
         is_salient = False
@@ -203,7 +210,7 @@ def salient_features(text: str) -> tuple[dict[str, str], tuple[str, ...], frozen
             is_salient = True  # numbers, versions, dates, prices, sizes, ids
         elif len(tok) >= 2 and tok.isupper() and tok.isalpha():
             is_salient = True  # SSO, CSV, EU, API
-        elif tok[0].isupper() and not sentence_start and low != "i" and not low.startswith("i'"):
+        elif tok[0].isupper() and not sentence_start and low not in _NEVER_SALIENT and not low.startswith("i'"):
             is_salient = True  # a capitalised word inside a sentence: a name
         elif any(c in tok for c in "_@/#") or (any(c.isupper() for c in tok[1:]) and any(c.islower() for c in tok)):
             is_salient = True  # identifiers, paths, camelCase
@@ -216,8 +223,9 @@ def salient_features(text: str) -> tuple[dict[str, str], tuple[str, ...], frozen
                     break
             salient.setdefault(low, direction)
         prev.append(low)
-        sentence_start = raw[-1] in ".!?:"
     markers: list[str] = []
+    directed: dict[str, str] = {}
+    pending: str | None = None
     for w in _words(text):
         if w in _NEGATIONS:
             markers.append("not")
@@ -225,7 +233,12 @@ def salient_features(text: str) -> tuple[dict[str, str], tuple[str, ...], frozen
             st = _stem(w)
             if st in _CONTRAST_STEMS:
                 markers.append(st)
-    return salient, tuple(sorted(markers)), frozenset(words)
+        if w in _DIRECTION:
+            pending = w
+        elif pending is not None and w not in _ARTICLES:
+            directed.setdefault(_stem(w), pending)
+            pending = None
+    return salient, tuple(sorted(markers)), frozenset(words), directed
 
 
 def _norm_entity(low: str) -> str:
@@ -234,11 +247,12 @@ def _norm_entity(low: str) -> str:
     return low[:-2] if low.endswith("'s") else low
 
 
-_GUARD_CACHE: dict[str, tuple[dict[str, str], tuple[str, ...], frozenset[str]]] = {}
+_Features = tuple[dict[str, str], tuple[str, ...], frozenset[str], dict[str, str]]
+_GUARD_CACHE: dict[str, _Features] = {}
 _GUARD_LOCK = threading.Lock()
 
 
-def _features_cached(text: str) -> tuple[dict[str, str], tuple[str, ...], frozenset[str]]:
+def _features_cached(text: str) -> _Features:
     f = _GUARD_CACHE.get(text)
     if f is None:
         f = salient_features(text)
@@ -254,12 +268,17 @@ def guard(query: str, candidate: str) -> str | None:
 
     Every salient token of either question must occur in the other (case aside: "Team" matches a
     lower-case "team"); when both tag it with a direction word, the tags must agree; and both must
-    carry the same negations and contrast words.
+    carry the same negations and contrast words; and a word both put after a direction word
+    ("from", "to", "into", ...) must follow the same one in each.
     """
-    qs, qm, qw = _features_cached(query)
-    cs, cm, cw = _features_cached(candidate)
+    qs, qm, qw, qd = _features_cached(query)
+    cs, cm, cw, cd = _features_cached(candidate)
     if qm != cm:
         return "markers"
+    for w, direction in qd.items():
+        other = cd.get(w)
+        if other is not None and other != direction:
+            return "order"
     for sal, other_sal, other_words in ((qs, cs, cw), (cs, qs, qw)):
         for tok, direction in sal.items():
             if tok not in other_words:
@@ -308,7 +327,10 @@ class StaticEmbedder:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
-        for i, enc in enumerate(self.tokenizer.encode_batch(texts, add_special_tokens=False)):
+        # one text: encode() (encode_batch may hand even one text to the tokenizer's thread pool)
+        encs = ([self.tokenizer.encode(texts[0], add_special_tokens=False)] if len(texts) == 1
+                else self.tokenizer.encode_batch(texts, add_special_tokens=False))
+        for i, enc in enumerate(encs):
             ids = np.asarray(enc.ids[:256], dtype=np.intp)
             if ids.size == 0:
                 continue

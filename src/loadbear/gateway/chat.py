@@ -22,7 +22,10 @@ from loadbear.gateway.executor import (
     MidStreamFailure,
     continuation_request,
 )
+from loadbear.gateway.budget import Reservation, prompt_tokens
 from loadbear.gateway.grounding import Grounding, parse_knowledge
+from loadbear.gateway.ratelimit import Permit
+from loadbear.gateway.router import RouteDecision, model_allowed
 from loadbear.gateway.validation import ChatBody
 from loadbear.ledger.records import InteractionRecord
 from loadbear.providers.base import ChatRequest, ModelConfig, ProviderError, StreamDelta, Usage
@@ -64,6 +67,9 @@ class ChatCall:
     continuations: list[dict[str, Any]] = field(default_factory=list)
     # Retrieved sources when the request is grounded in the tenant's knowledge base.
     grounding: Grounding | None = None
+    route: RouteDecision | None = None
+    reservation: Reservation | None = None
+    permit: Permit | None = None
     _recorded: bool = False
     _request: ChatRequest | None = None
     _knowledge: Any = None
@@ -73,21 +79,47 @@ class ChatCall:
     def resolve(self) -> None:
         """Pick the model chain; raises ApiError for unknown or forbidden models."""
         gw, settings = self.gateway, self.auth.tenant.settings
+        # Validate the knowledge request now, so a bad one is a 400 before any work (and routing
+        # knows whether the answer will be grounded).
+        self._knowledge = parse_knowledge(self.body.knowledge, settings.knowledge_features.get(self.feature))
         name = self.body.model
         if name == "auto":
-            name = settings.default_model or gw.catalog.default_model
-            self.route_reason = f"auto: tenant default chain starting at {name}"
+            self.route = gw.router.route(gw.catalog, settings, self.body.messages, grounded=self._knowledge is not None)
+            name, self.route_reason = self.route.model, self.route.reason
         model = gw.catalog.get(name)
         if model is None:
             raise ApiError(404, f"The model '{name}' does not exist or you do not have access to it.",
                            code="model_not_found", param="model")
-        if not settings.allows(name):
+        if not model_allowed(settings, model):
             raise ApiError(403, f"The model '{name}' is not enabled for this tenant.",
                            type="permission_error", code="model_not_allowed", param="model")
-        chain = gw.catalog.chain(name, settings.fallback_overrides or None)
-        self.chain = [m for m in chain if settings.allows(m.name)]
-        # Validate the knowledge request now, so a bad one is a 400 before any work.
-        self._knowledge = parse_knowledge(self.body.knowledge, settings.knowledge_features.get(self.feature))
+        self.chain = gw.router.tenant_chain(gw.catalog, settings, name)
+
+    async def admit(self) -> None:
+        """Rate limits, then the budget (which may downgrade the chain); ApiError 429 / 402."""
+        gw, tenant = self.gateway, self.auth.tenant
+        s = tenant.settings
+        if not (s.rpm_limit or s.tpm_limit or s.monthly_budget_usd is not None):
+            return
+        tokens = prompt_tokens(self.body.messages)
+        if self._knowledge is not None:  # retrieved sources join the prompt later
+            tokens += self._knowledge.top_k * gw.settings.chunk_tokens
+        self.permit = await gw.limits.check(tenant, tokens, self.body.max_tokens)
+        try:
+            adm = await gw.budget.admit(tenant, self.chain, tokens, self.body.max_tokens,
+                                        downgrade=lambda: gw.router.downgrade_chain(gw.catalog, s, self.chain))
+        except ApiError:
+            gw.limits.adjust_nowait(self.permit, 0)
+            raise
+        self.reservation = adm.reservation
+        if adm.downgraded:
+            self.chain = adm.chain
+            self.route_reason = f"{self.route_reason}; {adm.note}" if self.route_reason else adm.note
+
+    def release(self) -> None:
+        """The request ends before any model call and without a ledger row: hand back what admit() took."""
+        self.gateway.budget.settle_nowait(self.reservation, 0)
+        self.gateway.limits.adjust_nowait(self.permit, 0)
 
     async def retrieve(self) -> None:
         """Ground the request in the tenant's knowledge base when asked to (or by feature default)."""
@@ -230,6 +262,14 @@ class ChatCall:
         err = self.error
         settings = self.auth.tenant.settings
         text = "".join(st.text_parts)
+        gw = self.gateway
+        cost = sum(a.cost_micro_usd for a in st.attempts)
+        saved = 0
+        if self.route is not None and status == "ok" and st.served is not None:
+            saved = gw.router.savings_micro_usd(gw.catalog, settings, st.served, u.prompt_tokens,
+                                                u.completion_tokens, u.cached_tokens, actual_cost_micro_usd=cost)
+        gw.budget.settle_nowait(self.reservation, cost)
+        gw.limits.adjust_nowait(self.permit, u.prompt_tokens + u.completion_tokens)
         rec = InteractionRecord(
             id=self.id,
             tenant_id=self.auth.tenant_id,
@@ -243,7 +283,8 @@ class ChatCall:
             completion_tokens=u.completion_tokens,
             cached_input_tokens=u.cached_tokens,
             tokens_estimated=u.estimated,
-            cost_micro_usd=sum(a.cost_micro_usd for a in st.attempts),
+            cost_micro_usd=cost,
+            saved_micro_usd=saved,
             user_external_id=self.body.user,
             request_id=self.request_id,
             provider=st.served.provider if st.served else None,
@@ -260,6 +301,7 @@ class ChatCall:
             prompt_text=_prompt_text(self.body.messages) if settings.store_content else None,
             response_text=text if settings.store_content else None,
             metadata={**self.body.metadata, **({"skipped": st.skipped} if st.skipped else {}),
+                      **({"route": self.route.ledger_metadata()} if self.route is not None else {}),
                       **({"continuations": self.continuations} if self.continuations else {})},
             attempts=st.attempts,
         )

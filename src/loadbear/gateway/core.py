@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Any
 from loadbear.config.catalog import Catalog
 from loadbear.config.settings import Settings
 from loadbear.gateway.breaker import BreakerRegistry, breaker_key
+from loadbear.gateway.budget import BudgetGuard
+from loadbear.gateway.ratelimit import RateLimiter
+from loadbear.gateway.router import Router
 from loadbear.gateway.chat import ChatCall, ChatResult, ChatStream
 from loadbear.gateway.executor import Executor, RetryPolicy
 from loadbear.gateway.validation import ChatBody
@@ -53,6 +56,10 @@ class Gateway:
         self.breakers = breakers or BreakerRegistry.from_settings(settings, probe_timeout=self.settings_request_deadline)
         self.executor = Executor(self.providers, self.breakers, retry_policy or RetryPolicy.from_settings(settings))
         self.tenants = TenantService(self.db, settings.tenant_defaults, settings.auth_cache_seconds)
+        # Cost control: complexity routing, monthly budgets, rate limits (Redis-shared when configured).
+        self.router = Router.from_settings(settings)
+        self.budget = BudgetGuard.from_settings(settings, self.db)
+        self.limits = RateLimiter.from_settings(settings)
         self._ledger: LedgerWriter | None = None
         self._knowledge = None
 
@@ -82,6 +89,8 @@ class Gateway:
     async def aclose(self) -> None:
         await self.providers.aclose()
         await self.breakers.aclose()
+        await self.limits.aclose()
+        await self.budget.aclose()
         self.close()
 
     @property
@@ -132,7 +141,12 @@ class Gateway:
                    request_id: str | None = None) -> ChatResult | ChatStream:
         """Answer one chat request: a :class:`ChatResult`, or a started :class:`ChatStream`."""
         call = self.new_call(auth, body, feature, request_id)
-        await call.retrieve()
+        await call.admit()
+        try:
+            await call.retrieve()
+        except BaseException:
+            call.release()
+            raise
         if body.stream:
             return await call.open_stream()
         return await call.complete()

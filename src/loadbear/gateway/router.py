@@ -74,47 +74,98 @@ class RouterError(ValueError):
 
 # -- features and the rule classifier ---------------------------------------------------------
 
-_FENCE = re.compile(r"```|~~~")
-_TRACEBACK = re.compile(r"Traceback \(most recent call last\)|^\s+at [\w.$]+\(.*\)$|\bError: .+ at line \d+", re.M)
-_CODE_TOKENS = re.compile(
-    r"(^\s*(def|class|import|from\s+\S+\s+import|function|const|let|var|public|private|static|"
-    r"#include|package|fn|func|SELECT|INSERT|UPDATE|CREATE TABLE)\b"
-    r"|[;{}]\s*$|=>|::|\)\s*\{|\bself\.|\breturn\b.*;|</?\w+>)",
-    re.M,
+# The cues are matched on the request's lower-cased words (one regex pass) and phrases (C
+# substring search): a few dozen case-insensitive regex searches would cost ~1 ms a request.
+_WORD = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*")
+_QUESTIONS = re.compile(r"\?+")
+_JAVA_FRAME = re.compile(r"\n\s+at [\w.$<>]+\(")
+# (label, words, phrases): a cue counts when any word is in the text, or any phrase.
+_REASONING: tuple[tuple[str, frozenset[str], tuple[str, ...]], ...] = (
+    ("why", frozenset({"why"}), ()),
+    ("explain", frozenset({"explain", "explains", "explaining", "explanation"}), ()),
+    ("step by step", frozenset({"step-by-step"}), ("step by step",)),
+    ("prove", frozenset({"prove", "proof", "derive", "derivation"}), ()),
+    ("analyse", frozenset({"analyse", "analyze", "analysis", "analysing", "analyzing"}), ()),
+    ("reasoning", frozenset({"reason", "reasoning"}), ()),
+    ("trade-offs", frozenset({"tradeoff", "tradeoffs", "trade-off", "trade-offs"}), ("trade off",)),
+    ("evaluate", frozenset({"evaluate", "assess", "critique", "justify"}), ()),
+    ("design", frozenset({"design", "architecture", "architect", "strategy", "roadmap"}), ()),
+    ("plan", frozenset({"plan", "planning"}), ()),
+    ("calculate", frozenset({"calculate", "compute", "estimate", "solve"}), ()),
+    ("implications", frozenset({"implication", "implications", "consequence", "consequences"}), ("impact of",)),
+    ("in depth", frozenset({"detailed", "thorough", "thoroughly", "in-depth"}), ("in depth", "in detail")),
 )
-_CODE_REQUEST = re.compile(
-    r"\b(write|implement|refactor|debug|fix|optimi[sz]e|port|convert|generate)\b[^.?!\n]{0,40}"
-    r"\b(code|function|class|script|program|query|regex|regexp|sql|method|module|test|tests|bug|api|endpoint)\b",
-    re.I,
+_COMPARISON: tuple[tuple[str, frozenset[str], tuple[str, ...]], ...] = (
+    ("compare", frozenset({"compare", "comparison", "comparing", "contrast"}), ()),
+    ("versus", frozenset({"versus", "vs"}), ()),
+    ("difference between", frozenset(), ("difference between", "differences between")),
+    ("pros and cons", frozenset(), ("pros and cons", "advantages and disadvantages")),
+    ("which is better", frozenset(), ("which is better", "which one is better", "better than", "best option",
+                                      "should i use", "should i choose", "should i pick")),
 )
-_REASONING = [
-    ("why", re.compile(r"\bwhy\b", re.I)),
-    ("explain", re.compile(r"\bexplain\w*\b", re.I)),
-    ("step by step", re.compile(r"\bstep[- ]by[- ]step\b", re.I)),
-    ("prove", re.compile(r"\b(prove|proof|derive|derivation)\b", re.I)),
-    ("analyse", re.compile(r"\banaly[sz](e|is|ing)\b", re.I)),
-    ("reasoning", re.compile(r"\breason(ing)?\b", re.I)),
-    ("trade-offs", re.compile(r"\btrade[- ]?offs?\b", re.I)),
-    ("evaluate", re.compile(r"\b(evaluate|assess|critique|justify)\b", re.I)),
-    ("design", re.compile(r"\b(design|architect\w*|strategy|roadmap)\b", re.I)),
-    ("plan", re.compile(r"\bplan\b|\bplanning\b", re.I)),
-    ("calculate", re.compile(r"\b(calculate|compute|estimate|solve)\b", re.I)),
-    ("implications", re.compile(r"\b(implications?|consequences?|impact of)\b", re.I)),
-    ("in depth", re.compile(r"\b(in (depth|detail)|detailed|thorough(ly)?)\b", re.I)),
-]
-_COMPARISON = [
-    ("compare", re.compile(r"\b(compare|comparison|comparing|contrast)\b", re.I)),
-    ("versus", re.compile(r"\b(versus|vs\.?)\s", re.I)),
-    ("difference between", re.compile(r"\bdifferences? between\b", re.I)),
-    ("pros and cons", re.compile(r"\b(pros and cons|advantages and disadvantages)\b", re.I)),
-    ("which is better", re.compile(r"\b(which (one )?is better|better than|best option|should i (use|choose|pick))\b", re.I)),
-]
+_CODE_VERBS = frozenset({"write", "implement", "refactor", "debug", "fix", "optimise", "optimize", "port",
+                         "convert", "generate"})
+_CODE_NOUNS = frozenset({"code", "function", "class", "script", "program", "query", "regex", "regexp", "sql",
+                         "method", "module", "test", "tests", "bug", "api", "endpoint"})
+# Lines that start like code (case-sensitive: "Let me know" is prose, "let x = 1" is not).
+_CODE_LINE_STARTS = ("def ", "class ", "import ", "from ", "function ", "function(", "const ", "let ", "var ",
+                     "public ", "private ", "static ", "#include", "package ", "fn ", "func ", "return ",
+                     "SELECT ", "INSERT ", "UPDATE ", "DELETE ", "CREATE TABLE", "if (", "for (", "while (", "}")
+_CODE_MARKS = ("=>", "::", "self.", "this.", "</", "/>", "();", "){", ") {", "!==", "===", " != ", " == ")
 _SIMPLE_TASK = re.compile(
-    r"^\s*(translate|summari[sz]e|rephrase|reword|paraphrase|correct|fix the (typo|spelling|grammar)|"
+    r"\s*(translate|summari[sz]e|rephrase|reword|paraphrase|correct|fix the (typo|spelling|grammar)|"
     r"define|what is|what's|who is|who was|when (is|was|did)|where (is|was)|how do i (reset|change|cancel|find))\b",
     re.I,
 )
-_LIST_ITEM = re.compile(r"^\s*(\d+[.)]|[-*•])\s+\S", re.M)
+
+
+# Phrases padded with spaces, to match whole words of " ".join(words).
+_REASONING = tuple((label, ws, tuple(f" {p} " for p in ps)) for label, ws, ps in _REASONING)
+_COMPARISON = tuple((label, ws, tuple(f" {p} " for p in ps)) for label, ws, ps in _COMPARISON)
+
+
+def _cues(table, words: set[str], joined: str) -> list[str]:
+    return [label for label, ws, phrases in table
+            if (ws and not ws.isdisjoint(words)) or any(p in joined for p in phrases)]
+
+
+def _code_block(text: str, lines: list[str]) -> bool:
+    if "```" in text or "~~~" in text or "Traceback (most recent call last)" in text or _JAVA_FRAME.search(text):
+        return True
+    signals = 0
+    for line in lines:
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if stripped.startswith(_CODE_LINE_STARTS) or stripped.endswith((";", "{")):
+            signals += 1
+            if signals >= 2:
+                return True
+    return signals + sum(1 for m in _CODE_MARKS if m in text) >= 2
+
+
+def _code_request(word_list: list[str]) -> bool:
+    for i, w in enumerate(word_list):
+        if w in _CODE_VERBS and not _CODE_NOUNS.isdisjoint(word_list[i + 1:i + 9]):
+            return True
+    return False
+
+
+def _list_items(lines: list[str]) -> int:
+    n = 0
+    for line in lines:
+        s = line.lstrip()
+        if s[:2] in ("- ", "* ", "• "):
+            n += 1
+        elif s[:1].isdigit():
+            head = s[:4]
+            for j, ch in enumerate(head):
+                if not ch.isdigit():
+                    if ch in ".)" and s[j + 1:j + 2] == " ":
+                        n += 1
+                    break
+    return n
+
 
 FEATURE_NAMES = (
     "tokens", "questions", "code_block", "code_request", "reasoning_cues", "comparison_cues",
@@ -134,23 +185,26 @@ def extract_features(messages: Sequence[Mapping[str, Any]], grounded: bool = Fal
     """The signals the rules (and the learned model) look at. ``text`` overrides the last user
     message (training examples are plain texts). Every value is a JSON number."""
     text = last_user_text(messages) if text is None else text[:MAX_TEXT_CHARS]
-    reasoning = [label for label, rx in _REASONING if rx.search(text)]
-    comparison = [label for label, rx in _COMPARISON if rx.search(text)]
-    code_block = bool(_FENCE.search(text) or _TRACEBACK.search(text) or len(_CODE_TOKENS.findall(text)) >= 2)
+    word_list = _WORD.findall(text.lower())
+    words = set(word_list)
+    joined = " " + " ".join(word_list) + " "
+    lines = text.splitlines()
+    reasoning = _cues(_REASONING, words, joined)
+    comparison = _cues(_COMPARISON, words, joined)
     turns = sum(1 for m in messages if m.get("role") == "user") or 1
     conv_chars = sum(len(content_text(m.get("content"))) for m in messages) if messages else len(text)
     return {
         "tokens": count_text(text),
-        "questions": len(re.findall(r"\?+", text)),
-        "code_block": int(code_block),
-        "code_request": int(bool(_CODE_REQUEST.search(text))),
+        "questions": len(_QUESTIONS.findall(text)),
+        "code_block": int(_code_block(text, lines)),
+        "code_request": int(_code_request(word_list)),
         "reasoning_cues": len(reasoning),
         "comparison_cues": len(comparison),
-        "parts": len(_LIST_ITEM.findall(text)),
+        "parts": _list_items(lines),
         "turns": turns,
         "conversation_chars": conv_chars,
         "grounded": int(bool(grounded)),
-        "simple_task": int(bool(_SIMPLE_TASK.search(text))),
+        "simple_task": int(bool(_SIMPLE_TASK.match(text))),
         # Which cues matched, for the reason (not model inputs).
         "_reasoning": reasoning,
         "_comparison": comparison,
@@ -187,7 +241,7 @@ def rule_points(f: Mapping[str, Any]) -> list[tuple[int, str]]:
         pts.append((1, f"deep conversation ({f['turns']} user turns)"))
     elif f["conversation_chars"] >= 12_000:
         pts.append((1, "long conversation"))
-    if f["simple_task"] and not (f["code_block"] or f["code_request"] or reasoning or comparison):
+    if f["simple_task"] and q <= 1 and not (f["code_block"] or f["code_request"] or reasoning or comparison):
         pts.append((-1, "routine task (lookup, translation, summary...)"))
     if f["grounded"] and not (f["code_block"] or f["code_request"]):
         pts.append((-1, "grounded in retrieved sources"))

@@ -350,6 +350,10 @@ class LedgerWriter:
             lane.thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     # -- the writer threads -------------------------------------------------------------
+    #
+    # Building a batch's rows and writing them happen one after the other in the lane's thread.
+    # (Building the next batch in a second thread while the database works was measured: slower
+    # on both backends, the GIL hand-offs cost more than the overlap gains.)
 
     def _run(self, lane: _Lane) -> None:
         idle = max(self.flush_interval, 0.01)
@@ -458,65 +462,66 @@ class LedgerWriter:
 
     def _write_batch(self, lane: _Lane, batch: list[InteractionRecord], touches: dict[str, tuple[str, Any]]) -> None:
         known = lane.known_users
+        new_users = self._commit(self._prepare(batch, known), touches)
         if len(known) > _KNOWN_USERS_MAX:
             known.clear()
-        if self.db.dialect == "postgres":
-            new_users = self._write_postgres(batch, known, touches)
-        else:
-            new_users = self._write_sqlite(batch, known, touches)
         known.update(new_users)  # only once the transaction committed
 
-    # -- SQLite -------------------------------------------------------------------------
+    def _prepare(self, batch: list[InteractionRecord], known: set[str]) -> Any:
+        """The batch as rows/parameters for the backend (no database access)."""
+        if self.db.dialect == "postgres":
+            return _pg_statements(batch, known)
+        return _build_rows(batch, known)
 
-    def _write_sqlite(self, batch: list[InteractionRecord], known: set[str],
-                      touches: dict[str, tuple[str, Any]]) -> Iterable[str]:
-        users, rows, attempts, rollups = _build_rows(batch, known)
+    def _commit(self, prepared: Any, touches: dict[str, tuple[str, Any]]) -> Iterable[str]:
+        """One transaction; returns the ids of the end users it created."""
         with self.db.app_tx() as c:
             raw = c.raw
+            if self.db.dialect == "postgres":
+                statements, new_users = prepared
+                # One network round trip for the whole batch; errors surface when it syncs.
+                with raw.pipeline():
+                    for tenant_id, params in statements:
+                        raw.execute("SELECT set_config('loadbear.tenant_id', %s, true)", (tenant_id,))
+                        raw.execute(_PG_BATCH_SQL, params)
+                    if touches:
+                        touch_keys(c, "postgres", touches)
+                return new_users
+            users, rows, attempts, rollups = prepared
             _sqlite_insert(raw, _SQLITE_USERS, list(users.values()))
             _sqlite_insert(raw, _SQLITE_INTERACTIONS, rows)
             _sqlite_insert(raw, _SQLITE_ATTEMPTS, attempts)
             _sqlite_insert(raw, _SQLITE_ROLLUPS, rollups)
             if touches:
                 touch_keys(c, "sqlite", touches)
-        return users
+            return users
 
-    # -- PostgreSQL ---------------------------------------------------------------------
 
-    def _write_postgres(self, batch: list[InteractionRecord], known: set[str],
-                        touches: dict[str, tuple[str, Any]]) -> Iterable[str]:
-        # Row-level security: every tenant's rows are written with that tenant set.
-        by_tenant: dict[str, list[InteractionRecord]] = {}
-        for rec in batch:
-            group = by_tenant.get(rec.tenant_id)
-            if group is None:
-                group = by_tenant[rec.tenant_id] = []
-            group.append(rec)
-        statements = []
-        new_users: list[str] = []
-        for tenant_id, recs in by_tenant.items():
-            users, rows, attempts, rollups = _build_rows(recs, known)
-            new_users.extend(users)
-            try:
-                params = {
-                    "users": orjson.dumps(list(users.values())).decode(),
-                    "interactions": orjson.dumps(rows).decode(),
-                    "attempts": orjson.dumps(attempts).decode(),
-                    "rollups": orjson.dumps(rollups).decode(),
-                }
-            except TypeError as exc:  # e.g. a value in a text column that JSON cannot carry
-                raise _RowError(f"cannot encode ledger row: {exc}") from exc
-            statements.append((str(tenant_id), params))
-        with self.db.app_tx() as c:
-            raw = c.raw
-            # One network round trip for the whole batch; errors surface when the pipeline syncs.
-            with raw.pipeline():
-                for tenant_id, params in statements:
-                    raw.execute("SELECT set_config('loadbear.tenant_id', %s, true)", (tenant_id,))
-                    raw.execute(_PG_BATCH_SQL, params)
-                if touches:
-                    touch_keys(c, "postgres", touches)
-        return new_users
+def _pg_statements(batch: list[InteractionRecord], known: set[str]) -> tuple[list[tuple[str, dict]], list[str]]:
+    """Per tenant (row-level security: each tenant's rows are written with that tenant set), the
+    JSON parameters of one ``_PG_BATCH_SQL``; and the end users that will be created."""
+    by_tenant: dict[str, list[InteractionRecord]] = {}
+    for rec in batch:
+        group = by_tenant.get(rec.tenant_id)
+        if group is None:
+            group = by_tenant[rec.tenant_id] = []
+        group.append(rec)
+    statements = []
+    new_users: list[str] = []
+    for tenant_id, recs in by_tenant.items():
+        users, rows, attempts, rollups = _build_rows(recs, known)
+        new_users.extend(users)
+        try:
+            params = {
+                "users": orjson.dumps(list(users.values())).decode(),
+                "interactions": orjson.dumps(rows).decode(),
+                "attempts": orjson.dumps(attempts).decode(),
+                "rollups": orjson.dumps(rollups).decode(),
+            }
+        except TypeError as exc:  # e.g. a value in a text column that JSON cannot carry
+            raise _RowError(f"cannot encode ledger row: {exc}") from exc
+        statements.append((str(tenant_id), params))
+    return statements, new_users
 
 
 def _sqlite_insert(raw: Any, stmt: _SqliteInsert, rows: list[tuple]) -> None:

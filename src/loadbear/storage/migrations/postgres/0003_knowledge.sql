@@ -2,10 +2,12 @@
 --
 -- Vectors live in their own narrow table (chunk_vectors) so that exact scans and the HNSW
 -- scan's heap visits touch only vectors, not chunk text and tsvectors. The column is an
--- unconstrained `vector` so several embedding models (and dimensions) can coexist while a
--- tenant re-embeds; each dimension gets a partial HNSW index over the cast expression
--- (384 here, the default all-MiniLM-L6-v2; others are created on demand by the store:
--- vector(d) up to 2000 dims, halfvec(d) up to 4000, exact search above).
+-- unconstrained `vector` so several embedding models (and dimensions, 384 for the default
+-- all-MiniLM-L6-v2) can coexist while a tenant re-embeds. There is no table-wide HNSW index:
+-- filtered by tenant it loses recall (see knowledge/store_postgres.py). Tenants above the
+-- store's exact-search limit get their own partial HNSW index over the cast expression,
+-- built by the store: idx_cv_hnsw_<dim>_<tenant hex>, vector(d) up to 2000 dims, halfvec(d)
+-- up to 4000, exact search above.
 CREATE EXTENSION IF NOT EXISTS vector;
 -- btree_gin lets the full-text GIN index lead with the tenant.
 CREATE EXTENSION IF NOT EXISTS btree_gin;
@@ -66,8 +68,6 @@ CREATE TABLE chunk_vectors (
 );
 CREATE INDEX idx_chunk_vectors_tenant ON chunk_vectors (tenant_id, embedding_dim, embedding_model);
 CREATE INDEX idx_chunk_vectors_document ON chunk_vectors (document_id);
-CREATE INDEX idx_chunk_vectors_hnsw_384 ON chunk_vectors
-  USING hnsw ((embedding::vector(384)) vector_cosine_ops) WHERE embedding_dim = 384;
 
 -- One row per tenant with a knowledge base: version bumps on every change (the cache keys on
 -- it); writers lock it first, so one tenant's knowledge-base writes are serialised.
