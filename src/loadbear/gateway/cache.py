@@ -56,14 +56,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import orjson
 
-from loadbear.gateway.cache_text import (
-    StaticEmbedder,
-    content_words,
-    guard,
-    key64,
-    neighbour_signatures,
-    normalize_exact,
-)
+from loadbear.gateway.cache_text import StaticEmbedder, guard, normalize_exact, question_keys
 from loadbear.storage.db import Conn, Database
 from loadbear.storage.values import db_time, dumps, iso, loads, utcnow, uuid7
 
@@ -118,8 +111,11 @@ class CacheSettings:
     # Candidates whose static (bag-of-word-pieces) cosine with the question is below this are
     # dropped before the question is embedded with the real model.
     static_gate: float = 0.80
-    # At most this many neighbourhood candidates are compared per lookup (most shared keys first).
+    # At most this many neighbourhood candidates are compared per lookup (most shared keys first),
+    # read from at most probe_rows rows of the precise keys and subst_rows of the substitution keys.
     max_candidates: int = 16
+    probe_rows: int = 1024
+    subst_rows: int = 256
     # Questions longer than this are cached exactly only (MiniLM reads 256 word pieces anyway).
     semantic_max_chars: int = 2000
     # Answers longer than this are not stored.
@@ -147,7 +143,9 @@ class CacheScope:
     scope_hash: str
     query_text: str
     exact_hash: str
-    keys: list[int]
+    entry_keys: tuple[int, ...]  # what a stored answer is filed under
+    probe_keys: tuple[int, ...]  # what a lookup reads (see cache_text.QuestionKeys)
+    subst_keys: tuple[int, ...]
     grounded: bool
     doc_versions: dict[str, int] | None
     cacheable: bool = True
@@ -304,12 +302,12 @@ class ResponseCache:
             reason = "grounded answer without sources"
         elif versions and any(_uuid(d) is None for d in versions):
             reason = "malformed document id"
-        keys: list[int] = []
-        if reason is None and len(query) <= self.settings.semantic_max_chars:
-            keys = [key64(scope_hash, sig) for sig in neighbour_signatures(content_words(query))]
+        qk = question_keys(scope_hash, query) if reason is None and len(query) <= self.settings.semantic_max_chars \
+            else None
         return CacheScope(
             tenant_id=tenant_id, feature=feature, tier=tier or "", scope_hash=scope_hash, query_text=query,
-            exact_hash=_sha((scope_hash + "\x00" + norm).encode("utf-8")), keys=keys, grounded=grounded,
+            exact_hash=_sha((scope_hash + "\x00" + norm).encode("utf-8")), entry_keys=qk.entry if qk else (),
+            probe_keys=qk.probe if qk else (), subst_keys=qk.subst if qk else (), grounded=grounded,
             doc_versions=versions, cacheable=reason is None, reason=reason,
         )
 
@@ -352,7 +350,7 @@ class ResponseCache:
                     self._note_hit(scope.tenant_id, hit.entry_id, now)
                     return hit
                 self.counters["stale_rejects"] += 1
-            if not semantic or not scope.keys:
+            if not semantic or not scope.probe_keys:
                 return None
             cands = self._candidates(c, scope, t)
         return self._semantic(scope, query, cands, threshold, query_vector, now, degraded=False)
@@ -373,7 +371,7 @@ class ResponseCache:
                 hit = _hit(row, "exact", 1.0, degraded=True)
                 self._note_hit(scope.tenant_id, hit.entry_id, now)
                 return hit
-            cands = self._candidates(c, scope, t) if scope.keys else []
+            cands = self._candidates(c, scope, t) if scope.probe_keys else []
             seen = {r["id"] for r in cands}
             recent = c.fetchall(
                 "SELECT id, query_text, embedding_model, embedding, 0 AS n FROM cache_entries"
@@ -383,16 +381,28 @@ class ResponseCache:
         return self._semantic(scope, query, cands, threshold, None, now, degraded=True, gate=False)
 
     def _candidates(self, c: Conn, scope: CacheScope, t: Any) -> list[dict[str, Any]]:
+        """The entries sharing most neighbourhood keys with the question: an index-only aggregation
+        over a bounded number of key rows, then at most ``max_candidates`` entry rows."""
+        st = self.settings
         if c.dialect == "postgres":
-            keys_sql, keys_param = "k.key = ANY(?::bigint[])", list(scope.keys)
+            in_keys = "key = ANY(?::bigint[])"
+            probe, subst = list(scope.probe_keys), list(scope.subst_keys)
         else:
-            keys_sql, keys_param = "k.key IN (SELECT value FROM json_each(?))", dumps(scope.keys)
+            in_keys = "key IN (SELECT value FROM json_each(?))"
+            probe, subst = dumps(list(scope.probe_keys)), dumps(list(scope.subst_keys))
         return c.fetchall(
-            "SELECT e.id, e.query_text, e.embedding_model, e.embedding, COUNT(*) AS n"
-            " FROM cache_keys k JOIN cache_entries e ON e.id = k.entry_id"
-            f" WHERE k.tenant_id = ? AND {keys_sql} AND e.tenant_id = ? AND e.scope_hash = ? AND e.expires_at > ?"
-            " GROUP BY e.id ORDER BY n DESC, e.created_at DESC LIMIT ?",
-            (scope.tenant_id, keys_param, scope.tenant_id, scope.scope_hash, t, int(self.settings.max_candidates)))
+            "WITH m AS ("
+            f" SELECT p.entry_id, 2 AS w FROM (SELECT entry_id FROM cache_keys WHERE tenant_id = ? AND {in_keys}"
+            " LIMIT ?) p"
+            " UNION ALL"
+            f" SELECT s.entry_id, 1 AS w FROM (SELECT entry_id FROM cache_keys WHERE tenant_id = ? AND {in_keys}"
+            " LIMIT ?) s),"
+            " top AS (SELECT entry_id, SUM(w) AS n FROM m GROUP BY entry_id ORDER BY n DESC LIMIT ?)"
+            " SELECT e.id, e.query_text, e.embedding_model, e.embedding, top.n FROM top"
+            " JOIN cache_entries e ON e.id = top.entry_id"
+            " WHERE e.tenant_id = ? AND e.scope_hash = ? AND e.expires_at > ? ORDER BY top.n DESC, e.created_at DESC",
+            (scope.tenant_id, probe, int(st.probe_rows), scope.tenant_id, subst, int(st.subst_rows),
+             int(st.max_candidates), scope.tenant_id, scope.scope_hash, t))
 
     def _semantic(self, scope: CacheScope, query: str, cands: list[dict[str, Any]], threshold: float,
                   query_vector: Any, now: datetime, *, degraded: bool, gate: bool = True) -> CacheHit | None:
@@ -598,7 +608,7 @@ class ResponseCache:
                                   [(self._t(h.at), h.entry_id, tenant) for h in group])
 
     def _embed_missing(self, stores: list["_Store"]) -> None:
-        need = [s for s in stores if s.scope.keys and (s.vector is None or s.vector_model != self._embedder_name())]
+        need = [s for s in stores if s.scope.entry_keys and (s.vector is None or s.vector_model != self._embedder_name())]
         if not need:
             return
         try:
@@ -637,8 +647,7 @@ class ResponseCache:
              s.prompt_tokens, s.completion_tokens, s.cost, None if s.citations is None else dumps(s.citations),
              sc.grounded, s.vector_model if blob is not None else None, blob, self._t(s.created),
              self._t(s.expires)))
-        keys = sc.keys if s.query == sc.query_text else [
-            key64(sc.scope_hash, sig) for sig in neighbour_signatures(content_words(s.query))]
+        keys = sc.entry_keys if s.query == sc.query_text else question_keys(sc.scope_hash, s.query).entry
         if keys and blob is not None:
             conflict = " ON CONFLICT DO NOTHING"
             c.executemany("INSERT INTO cache_keys (tenant_id, key, entry_id) VALUES (?, ?, ?)" + conflict,

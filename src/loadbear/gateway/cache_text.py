@@ -30,6 +30,7 @@ import hashlib
 import re
 import threading
 import unicodedata
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -43,6 +44,8 @@ __all__ = [
     "key64",
     "neighbour_signatures",
     "normalize_exact",
+    "question_keys",
+    "QuestionKeys",
     "salient_features",
 ]
 
@@ -162,15 +165,50 @@ def key64(*parts: str) -> int:
     return int.from_bytes(h, "big", signed=True)
 
 
-def neighbour_signatures(words: Sequence[str]) -> list[str]:
-    """The full content set and, for sets of at least DROP_MIN words, each set with one word left out."""
+def neighbour_signatures(words: Sequence[str], pinned: Iterable[str] = ()) -> list[str]:
+    """The full content set and, for sets of at least DROP_MIN words, each set with one word left
+    out, except pinned (salient) words: a neighbour without them is a look-alike the guard refuses."""
+    full, drops = _sets(words, pinned)
+    return ([full] if full else []) + drops
+
+
+def _sets(words: Sequence[str], pinned: Iterable[str] = ()) -> tuple[str, list[str]]:
     ws = sorted(set(words[:MAX_KEY_WORDS]))
     if not ws:
-        return []
-    sigs = [" ".join(ws)]
+        return "", []
+    pin = set(pinned)
+    drops = []
     if len(ws) >= DROP_MIN:
-        sigs += [" ".join(ws[:i] + ws[i + 1:]) for i in range(len(ws))]
-    return sigs
+        drops = [" ".join(ws[:i] + ws[i + 1:]) for i in range(len(ws)) if ws[i] not in pin]
+    return " ".join(ws), drops
+
+
+@dataclass(frozen=True)
+class QuestionKeys:
+    """The neighbourhood keys of one question in one scope.
+
+    ``entry``: what an entry is stored under — its full set ("F") and its drop-one sets ("D").
+    ``probe``: what a lookup reads first — F(full) (same set), F(drop-one) (the entry lacks one of
+    the question's words), D(full) (the entry has one word more). ``subst``: D(drop-one), entries
+    that differ by one substituted word; these keys are the common ones (a short question minus a
+    word), so a lookup reads a bounded number of their rows.
+    """
+
+    entry: tuple[int, ...]
+    probe: tuple[int, ...]
+    subst: tuple[int, ...]
+
+
+def question_keys(scope: str, text: str) -> QuestionKeys:
+    words = content_words(text)
+    pinned = {_stem(w) for t in _features_cached(text)[0] for w in _WORD.findall(t.removeprefix("q:"))}
+    full, drops = _sets(words, pinned)
+    if not full:
+        return QuestionKeys((), (), ())
+    f_full, d_full = key64(scope, "F", full), key64(scope, "D", full)
+    f_drops = [key64(scope, "F", d) for d in drops]
+    d_drops = [key64(scope, "D", d) for d in drops]
+    return QuestionKeys(entry=(f_full, *d_drops), probe=(f_full, *f_drops, d_full), subst=tuple(d_drops))
 
 
 # -- the look-alike guard ----------------------------------------------------------------
