@@ -318,11 +318,21 @@ def test_policy_defaults_and_tenant_overrides():
 # -- row-level security ---------------------------------------------------------------------
 
 
+@pytest.fixture
+def pg_db(pg_server):
+    from loadbear.storage.db import open_database
+
+    database = open_database(pg_server.fresh_url())
+    yield database
+    database.close()
+
+
 @pytest.mark.postgres
-def test_rls_keeps_cache_rows_apart(db, cache, tenants, backend):
-    if backend != "postgres":
-        pytest.skip("row-level security is PostgreSQL's")
-    acme, globex = tenants
+def test_rls_keeps_cache_rows_apart(pg_db):
+    db = pg_db
+    svc = TenantService(db)
+    acme, globex = svc.create_tenant("acme", "Acme", {}).id, svc.create_tenant("globex", "Globex", {}).id
+    cache = ResponseCache(db, background=False)
     doc = _doc(db, acme, "refunds.md", "Refunds within 30 days.")
     put(cache, acme, versions={doc.id: doc.version})
     for table in ("cache_entries", "cache_keys", "cache_entry_documents"):

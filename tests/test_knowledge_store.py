@@ -558,7 +558,7 @@ def test_pg_top_k_is_complete_and_exact_for_small_and_large_tenants_among_many(d
         with db.system_tx() as c:
             store._adapt(c)
             c.execute(f"SET LOCAL hnsw.iterative_scan = {iterative}; SET LOCAL hnsw.ef_search = 40;"
-                      " SET LOCAL enable_sort = off")
+                      " SET LOCAL enable_sort = off; SET LOCAL jit = off")
             sql = ("SELECT chunk_id FROM chunk_vectors WHERE embedding_dim = 32 AND tenant_id::text = ?"
                    " ORDER BY embedding::vector(32) <=> ?::vector(32) LIMIT 10")
             plan = "\n".join(r[0] for r in c.execute("EXPLAIN " + sql, (small, PgVector(q))).fetchall())

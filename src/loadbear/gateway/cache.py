@@ -121,7 +121,7 @@ class CacheSettings:
     # Answers longer than this are not stored.
     max_answer_chars: int = 100_000
     # The degraded lookup also compares this many of the scope's most recent entries.
-    degraded_scan: int = 5000
+    degraded_scan: int = 2000
     # Background writer: queue bound (stores beyond it are dropped and counted) and batch size.
     queue_max: int = 10_000
     batch_size: int = 32
@@ -374,7 +374,7 @@ class ResponseCache:
             cands = self._candidates(c, scope, t) if scope.probe_keys else []
             seen = {r["id"] for r in cands}
             recent = c.fetchall(
-                "SELECT id, query_text, embedding_model, embedding, 0 AS n FROM cache_entries"
+                f"SELECT {_CAND_PLAIN}, 0 AS n FROM cache_entries"
                 " WHERE tenant_id = ? AND scope_hash = ? AND expires_at > ? ORDER BY created_at DESC LIMIT ?",
                 (scope.tenant_id, scope.scope_hash, t, int(self.settings.degraded_scan)))
             cands += [r for r in recent if r["id"] not in seen]
@@ -398,7 +398,7 @@ class ResponseCache:
             f" SELECT s.entry_id, 1 AS w FROM (SELECT entry_id FROM cache_keys WHERE tenant_id = ? AND {in_keys}"
             " LIMIT ?) s),"
             " top AS (SELECT entry_id, SUM(w) AS n FROM m GROUP BY entry_id ORDER BY n DESC LIMIT ?)"
-            " SELECT e.id, e.query_text, e.embedding_model, e.embedding, top.n FROM top"
+            f" SELECT {_CAND_COLUMNS}, top.n FROM top"
             " JOIN cache_entries e ON e.id = top.entry_id"
             " WHERE e.tenant_id = ? AND e.scope_hash = ? AND e.expires_at > ? ORDER BY top.n DESC, e.created_at DESC",
             (scope.tenant_id, probe, int(st.probe_rows), scope.tenant_id, subst, int(st.subst_rows),
@@ -420,7 +420,7 @@ class ResponseCache:
         # 2. the static gate (~50 µs a text) before paying for the real embedding
         st = self.static if gate else None
         if st is not None and self.settings.static_gate > -1:
-            vecs = st.embed([query] + [r["query_text"] for r in kept])
+            vecs = st.embed_cached([query] + [r["query_text"] for r in kept])
             sims = vecs[1:] @ vecs[0]
             before = len(kept)
             kept = [r for r, s in zip(kept, sims) if s >= self.settings.static_gate]
@@ -447,23 +447,19 @@ class ResponseCache:
             sim = float(sims[j])
             if sim < threshold:
                 break
-            hit = self._fetch(scope, str(ok[j][0]["id"]), sim, now, degraded)
+            row = ok[j][0]
+            if row["grounded"]:
+                with self.db.tenant_tx(scope.tenant_id, write=False) as c:
+                    valid = self._docs_valid(c, scope, str(row["id"]))
+                if not valid:
+                    self.counters["stale_rejects"] += 1
+                    continue
+            hit = _hit(row, "semantic", sim, degraded=degraded)
             if hit is not None:
                 self.counters["semantic"] += 1
                 self._note_hit(scope.tenant_id, hit.entry_id, now)
                 return hit
         return None
-
-    def _fetch(self, scope: CacheScope, entry_id: str, sim: float, now: datetime, degraded: bool) -> CacheHit | None:
-        with self.db.tenant_tx(scope.tenant_id, write=False) as c:
-            row = c.fetchone(f"SELECT {_HIT_COLUMNS} FROM cache_entries WHERE id = ? AND tenant_id = ?"
-                             " AND expires_at > ?", (entry_id, scope.tenant_id, self._t(now)))
-            if row is None:
-                return None
-            if row["grounded"] and not self._docs_valid(c, scope, entry_id):
-                self.counters["stale_rejects"] += 1
-                return None
-        return _hit(row, "semantic", sim, degraded=degraded)
 
     def _docs_valid(self, c: Conn, scope: CacheScope, entry_id: str) -> bool:
         """A grounded entry is served only if each of its documents still has the version it was
@@ -728,6 +724,9 @@ class ResponseCache:
 
 _HIT_COLUMNS = ("id, answer_text, model, cost_micro_usd, prompt_tokens, completion_tokens, citations, query_text,"
                 " created_at, grounded")
+# Candidates carry what a hit needs: a semantic hit on an ungrounded entry is served without a second read.
+_CAND_PLAIN = _HIT_COLUMNS + ", embedding_model, embedding"
+_CAND_COLUMNS = ", ".join(f"e.{c.strip()}" for c in _CAND_PLAIN.split(","))
 
 
 @dataclass

@@ -30,6 +30,7 @@ import hashlib
 import re
 import threading
 import unicodedata
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -351,6 +352,9 @@ class StaticEmbedder:
         self.weights[: self.FIRST_WORD_ID] = 0.0  # [PAD], [unused*], [CLS], [SEP], [MASK], ...
         self.mean = table[self.FIRST_WORD_ID:].mean(axis=0).astype(np.float32)
         self.dim = int(table.shape[1])
+        self.cache_size = 20_000
+        self._memo: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._memo_lock = threading.Lock()
 
     @classmethod
     def from_minilm(cls, embedder=None) -> "StaticEmbedder":
@@ -359,6 +363,26 @@ class StaticEmbedder:
         e = (embedder or MiniLMEmbedder()).load()
         model = e._model  # the shared, immutable weights (tokenizer + word table)
         return cls(model.tokenizer, model.word)
+
+    def embed_cached(self, texts: Sequence[str]) -> np.ndarray:
+        """``embed``, remembering the vectors of the last ``cache_size`` texts (candidates recur)."""
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        missing = []
+        for i, t in enumerate(texts):
+            v = self._memo.get(t)
+            if v is None:
+                missing.append(i)
+            else:
+                out[i] = v
+        if missing:
+            vecs = self.embed([texts[i] for i in missing])
+            with self._memo_lock:
+                for i, v in zip(missing, vecs):
+                    out[i] = v
+                    self._memo[texts[i]] = v
+                    if len(self._memo) > self.cache_size:
+                        self._memo.popitem(last=False)
+        return out
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         texts = list(texts)

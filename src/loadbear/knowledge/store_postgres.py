@@ -308,6 +308,7 @@ class PostgresKnowledgeStore(KnowledgeStore):
         dim = int(q.shape[0])
         with self.db.tenant_tx(tenant_id, write=False) as c:
             self._adapt(c)
+            c.execute("SET LOCAL jit = off")  # searches are short; compiling a plan cost ~0.5 s here
             docs: list[str] | None = None
             if flt:
                 docs, n = self._matching_documents(c, tenant_id, flt)
@@ -355,7 +356,8 @@ class PostgresKnowledgeStore(KnowledgeStore):
         cast = index_cast(dim)
         ef = max(int(self.ef_search), k)
         # The distance operator is costed as cheap, so the planner likes "btree on the tenant, then
-        # sort" even for tenants far past exact_max; this path exists to use the graph: forbid the sort.
+        # sort" even for tenants far past exact_max; this path exists to use the graph: forbid the
+        # sort. (The penalty inflates the plan's cost far past jit_above_cost: JIT is off, above.)
         c.execute(
             f"SET LOCAL hnsw.ef_search = {ef}; SET LOCAL hnsw.iterative_scan = relaxed_order;"
             f" SET LOCAL hnsw.max_scan_tuples = {int(self.max_scan_tuples)};"
@@ -380,6 +382,7 @@ class PostgresKnowledgeStore(KnowledgeStore):
         if not terms:
             return []
         with self.db.tenant_tx(tenant_id, write=False) as c:
+            c.execute("SET LOCAL jit = off")
             sql = ("SELECT c.id, ts_rank_cd(c.tsv, q) AS s FROM chunks c, websearch_to_tsquery('english', ?) q"
                    " WHERE c.tenant_id = ? AND c.tsv @@ q")
             # websearch_to_tsquery never raises; the words are joined with its `or`.
