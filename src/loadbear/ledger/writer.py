@@ -610,6 +610,10 @@ def _build_rows_unchecked(batch: list[InteractionRecord], known_users: set[str])
                 a.cached_input_tokens, a.tokens_estimated, a.cost_micro_usd, a.latency_ms, a.ttft_ms,
                 _sqlite_time(a.started_at),
             ))
+        if r.metadata and r.metadata.get("eval_run"):
+            # Evaluation traffic (runs and their LLM judge) is kept row by row for debugging,
+            # but it is not product spend: usage reports, which read the rollups, leave it out.
+            continue
         key = (tid, created[:10], r.feature, r.model, ext or "")
         s = sums.get(key)
         status = r.status
