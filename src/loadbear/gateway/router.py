@@ -633,7 +633,9 @@ class Router:
         tier = c.tier
         if tier not in ranking:
             forbidden = tier in (getattr(settings, "forbidden_tiers", None) or ())
-            if not ranking:
+            if not ranking or not ({SIMPLE, COMPLEX} & set(ranking)):
+                # No model carries a routing tier (e.g. only `local` and custom tiers): "auto"
+                # keeps its plain meaning, the tenant's (or the catalog's) default model.
                 fallback = getattr(settings, "default_model", None) or catalog.default_model
                 m = catalog.get(fallback)
                 why = "; ".join([*notes, c.reason, f"no routable model for this tenant, using {fallback}"])
