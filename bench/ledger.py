@@ -130,7 +130,8 @@ def server_cpu(db: Database) -> float | None:
     if db.dialect != "postgres":
         return None
     with db.system_tx(write=False) as c:
-        pids = [r["pid"] for r in c.fetchall("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")]
+        pids = [r["pid"] for r in c.fetchall("SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                                               " AND backend_type = 'client backend'")]
     total = 0.0
     for pid in pids:
         try:
@@ -294,6 +295,7 @@ class ReportLatency:
     p50_ms: float
     p99_ms: float
     groups: int
+    cpu_ms: float  # per report: this thread, plus the PostgreSQL backend
 
 
 def run_reports(backend: str, pg_url: str, total: int, tenants: int, users: int, runs: int) -> tuple[list[ReportLatency], dict]:
@@ -317,11 +319,16 @@ def run_reports(backend: str, pg_url: str, total: int, tenants: int, users: int,
         for g in GROUPS:
             tenant_usage(db, me, start_day, end_day, g)  # warm
             times = []
+            srv0, cpu0 = server_cpu(db), time.thread_time()
             for _ in range(runs):
                 t = time.perf_counter()
                 report = tenant_usage(db, me, start_day, end_day, g)
                 times.append((time.perf_counter() - t) * 1000)
-            out.append(ReportLatency(g, pct(times, 0.5), pct(times, 0.99), len(report["data"])))
+            cpu = time.thread_time() - cpu0
+            srv1 = server_cpu(db)
+            if srv0 is not None and srv1 is not None:
+                cpu += srv1 - srv0
+            out.append(ReportLatency(g, pct(times, 0.5), pct(times, 0.99), len(report["data"]), cpu / runs * 1000))
         info = {"rows": rows, "tenant_rows": int(mine["n"]), "rollup_rows": rollup_rows, "tenant_rollup_rows": my_rollups,
                 "load_s": load_s}
         return out, info
@@ -369,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             latencies, info = run_reports(b, args.pg_url, args.report_rows, args.tenants, args.users, args.runs)
             for lat in latencies:
                 lines.append((b, f"30-day report by {lat.group_by}", f"p50 {lat.p50_ms:.1f} ms, p99 {lat.p99_ms:.1f} ms",
-                              f"{lat.groups} groups"))
+                              f"{lat.groups} groups; CPU per report {lat.cpu_ms:.1f} ms"
+                              + (" (client + PostgreSQL)" if b == "postgres" else "")))
                 print(" | ".join(lines[-1]), flush=True)
             print(f"  ledger: {info['rows']:,} interactions (+ as many attempts), {info['tenant_rows']:,} for the "
                   f"reported tenant; usage_daily {info['rollup_rows']:,} rows, {info['tenant_rollup_rows']:,} for "

@@ -350,3 +350,25 @@ def test_rls_keeps_cache_rows_apart(pg_db):
     with db.tenant_tx(globex) as c:
         assert c.execute("DELETE FROM cache_entries").rowcount == 0
     assert cache.count(acme) == 1
+
+
+async def test_a_broken_embedder_is_a_miss_not_a_failed_request(db, cache, tenants):
+    acme, _ = tenants
+    put(cache, acme)  # stored with its MiniLM vector
+
+    class Broken:
+        name = cache.embedder.name
+
+        def embed(self, texts):
+            raise RuntimeError("embedding service down")
+
+    broken = ResponseCache(db, lambda: Broken(), background=False)
+    para = broken.key_for(acme, "helpdesk", conv("How can I get a refund for the Team plan?"), "simple")
+    assert await broken.lookup(para) is None and broken.counters["errors"] == 1
+    assert (await broken.lookup(broken.key_for(acme, "helpdesk", conv(Q), "simple"))).kind == "exact"
+    assert cache.lookup_sync(para, semantic=False) is None, "exact only"
+    # storing without an embedding keeps the exact path working
+    other = broken.key_for(acme, "helpdesk", conv("How do I pause my subscription?"), "simple")
+    assert broken.store(other, answer_text="Settings > Billing > Pause.", model="m")
+    assert get(cache, acme, "how do i pause my subscription") is not None
+    assert get(cache, acme, "How can I pause my subscription?") is None

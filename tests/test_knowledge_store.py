@@ -631,6 +631,14 @@ def test_pg_rls_alone_keeps_tenants_apart(db, backend, store, tenants, seeded):
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
         with db.tenant_tx(a) as c:
             c.execute("INSERT INTO documents (id, tenant_id, title) VALUES (?, ?, 'planted')", (str(uuid.uuid4()), b))
+    # the keyword-search function (SECURITY DEFINER, for the GIN index) needs both tenants to agree
+    terms = "canary or escalation or refund"
+    with db.tenant_tx(a, write=False) as c:
+        mine = c.fetchall("SELECT chunk_id FROM kb_keyword_search(?::uuid, ?, 50)", (a, terms))
+        theirs = c.fetchall("SELECT chunk_id FROM kb_keyword_search(?::uuid, ?, 50)", (b, terms))
+    assert mine and {owner[str(r["chunk_id"])] for r in mine} == {a} and theirs == []
+    with db.app_tx(write=False) as c:
+        assert c.fetchall("SELECT chunk_id FROM kb_keyword_search(?::uuid, ?, 50)", (a, terms)) == []
     # and with no tenant set, the application role sees nothing at all
     with db.app_tx(write=False) as c:
         assert c.scalar("SELECT COUNT(*) FROM chunks") == 0

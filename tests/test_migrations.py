@@ -98,6 +98,13 @@ def test_fresh_database_gets_the_whole_schema_once(empty_db, tmp_path: Path):
     else:
         assert "substr(created_at, 1, 10)" in definition
     assert "idx_ai_attempts_interaction" in indexes(db, "ai_attempts")
+    # The rollups' storage is tuned for reports and upserts (0005).
+    with db.system_tx(write=False) as c:
+        if db.dialect == "sqlite":
+            assert "WITHOUT ROWID" in c.scalar("SELECT sql FROM sqlite_master WHERE name = 'usage_daily'")
+        else:
+            assert "fillfactor=70" in c.scalar("SELECT array_to_string(reloptions, ',') FROM pg_class"
+                                               " WHERE relname = 'usage_daily'")
 
     # A second run is a no-op.
     with db.system_tx(write=False) as c:

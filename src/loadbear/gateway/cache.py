@@ -125,6 +125,8 @@ class CacheSettings:
     # Background writer: queue bound (stores beyond it are dropped and counted) and batch size.
     queue_max: int = 10_000
     batch_size: int = 32
+    # The writer thread also deletes expired entries this often (0: never; call purge_expired).
+    purge_interval_s: float = 600.0
     default_threshold: float = 0.95
     default_degraded_threshold: float = 0.85
     default_ttl_s: int = 86_400
@@ -230,7 +232,7 @@ class ResponseCache:
         self._closed = False
         self.dropped = 0  # stores refused because the queue was full
         self.counters: dict[str, int] = {"lookups": 0, "exact": 0, "semantic": 0, "embedded": 0,
-                                         "guard_rejects": 0, "gate_rejects": 0, "stale_rejects": 0}
+                                         "guard_rejects": 0, "gate_rejects": 0, "stale_rejects": 0, "errors": 0}
 
     # -- embedders ---------------------------------------------------------------------------
 
@@ -319,8 +321,13 @@ class ResponseCache:
         query embedding (when needed) never block the event loop."""
         if not scope.cacheable:
             return None
-        return await asyncio.to_thread(self.lookup_sync, scope, query_text, threshold,
-                                       query_vector=query_vector, semantic=semantic)
+        try:
+            return await asyncio.to_thread(self.lookup_sync, scope, query_text, threshold,
+                                           query_vector=query_vector, semantic=semantic)
+        except Exception:  # a broken cache is a miss, never a failed request
+            self.counters["errors"] += 1
+            log.exception("response cache: lookup failed; answering without the cache")
+            return None
 
     async def lookup_degraded(self, scope: CacheScope, query_text: str | None = None,
                               threshold: float | None = None) -> CacheHit | None:
@@ -328,7 +335,12 @@ class ResponseCache:
         marked ``degraded``. Also compares the scope's most recent entries, not only neighbours."""
         if not scope.cacheable:
             return None
-        return await asyncio.to_thread(self.lookup_degraded_sync, scope, query_text, threshold)
+        try:
+            return await asyncio.to_thread(self.lookup_degraded_sync, scope, query_text, threshold)
+        except Exception:
+            self.counters["errors"] += 1
+            log.exception("response cache: degraded lookup failed")
+            return None
 
     def lookup_sync(self, scope: CacheScope, query_text: str | None = None, threshold: float | None = None, *,
                     query_vector: Any = None, semantic: bool = True, now: datetime | None = None) -> CacheHit | None:
@@ -486,6 +498,18 @@ class ResponseCache:
         """Queue an answer for the cache (cheap: the embedding and the writes happen on the writer
         thread). Returns False when it cannot be cached (scope, size, full queue). The caller
         decides *whether* with :func:`should_store`."""
+        try:
+            return self._store(scope, query_text, answer_text, model=model, usage_tokens=usage_tokens,
+                               cost_micro_usd=cost_micro_usd, citations=citations, doc_versions=doc_versions,
+                               ttl_s=ttl_s, now=now)
+        except Exception:  # never fails the request it is called from
+            self.counters["errors"] += 1
+            log.exception("response cache: store failed")
+            return False
+
+    def _store(self, scope: CacheScope, query_text: str | None, answer_text: str, *, model: str, usage_tokens: Any,
+               cost_micro_usd: int, citations: list[dict[str, Any]] | None, doc_versions: Mapping[str, int] | None,
+               ttl_s: float | None, now: datetime | None, sync: bool = False) -> bool:
         if not scope.cacheable or not answer_text or len(answer_text) > self.settings.max_answer_chars:
             return False
         query = scope.query_text if query_text is None else query_text
@@ -502,18 +526,21 @@ class ResponseCache:
                       versions=versions, created=now, expires=now + timedelta(seconds=ttl),
                       vector=scope.query_vector if query == scope.query_text else None,
                       vector_model=scope.embedding_model)
-        if not self.background:
+        if sync or not self.background:
             self._write([item])
             return True
         return self._enqueue(item)
 
-    def store_sync(self, scope: CacheScope, query_text: str | None = None, answer_text: str = "", **kw: Any) -> bool:
-        """``store`` written before it returns (tests, benchmarks, CLI)."""
-        bg, self.background = self.background, False
-        try:
-            return self.store(scope, query_text, answer_text, **kw)
-        finally:
-            self.background = bg
+    def store_sync(self, scope: CacheScope, query_text: str | None = None, answer_text: str = "", *, model: str,
+                   **kw: Any) -> bool:
+        """``store`` written before it returns; errors are raised (tests, benchmarks, CLI)."""
+        kw.setdefault("usage_tokens", None)
+        kw.setdefault("cost_micro_usd", 0)
+        kw.setdefault("citations", None)
+        kw.setdefault("doc_versions", None)
+        kw.setdefault("ttl_s", None)
+        kw.setdefault("now", None)
+        return self._store(scope, query_text, answer_text, model=model, sync=True, **kw)
 
     def _enqueue(self, item: Any) -> bool:
         if self._closed:
@@ -542,8 +569,19 @@ class ResponseCache:
                     self._thread.start()
 
     def _run(self) -> None:
+        interval = self.settings.purge_interval_s
+        next_purge = time.monotonic() + interval
         while True:
-            item = self._queue.get()
+            if interval > 0 and time.monotonic() >= next_purge:
+                next_purge = time.monotonic() + interval
+                try:
+                    self.purge_expired()
+                except Exception:
+                    log.exception("response cache: purging expired entries failed")
+            try:
+                item = self._queue.get(timeout=max(0.05, next_purge - time.monotonic()) if interval > 0 else None)
+            except queue.Empty:
+                continue
             batch = [item]
             while len(batch) < self.settings.batch_size:
                 try:

@@ -3,21 +3,26 @@ guard and the static pre-filter embedding. Pure functions, no I/O (see :mod:`loa
 
 * :func:`normalize_exact` — the "normalised request" of the exact cache: NFKC, case-folded,
   whitespace collapsed, trailing ``?!.`` dropped. Nothing that can change meaning is removed.
-* :func:`content_words` / :func:`neighbour_signatures` — candidate generation for the semantic
-  cache without a vector scan. A question's *content set* is its lightly stemmed words minus
-  function words (question words are kept: "why" and "when" ask different things). An entry is
-  stored under its full set and, for sets of at least ``DROP_MIN`` words, under every set with one
-  word left out; a lookup probes the same keys. Two questions share a key exactly when their sets
-  are equal, or differ by one inserted, deleted or substituted word. The keys are 64-bit hashes in
-  a B-tree: a lookup costs the same at 100 entries and at 100k. The semantic decision itself is
-  still the embedding similarity; the keys only choose which entries are compared (the benchmark
-  measures how many threshold-passing matches an exhaustive scan would add).
-* :func:`guard` — refuses a semantic match between look-alike questions whose *salient* tokens
-  differ: numbers and tokens with digits, capitalised words inside a sentence, acronyms, quoted
-  spans, e-mails/URLs/identifiers (each tagged with a preceding from/to/into/than/vs, so "from
-  Team to Business" is not "from Business to Team"), negations, and words of contrast classes
-  (enable/disable, this/last month, upgrade/downgrade, ...). Embeddings score such pairs close
-  ("charged twice this month" / "last month": MiniLM cosine 0.987) although the answers differ.
+* :func:`content_words` / :func:`question_keys` — candidate generation for the semantic cache
+  without a vector scan. A question's *content set* is its lightly stemmed words minus function
+  words (question words are kept: "why" and "when" ask different things). An entry is filed under
+  its full set ("F" key) and, for sets of at least ``DROP_MIN`` words, under each set with one word
+  left out ("D" keys); a lookup reads F(its set), F(its set minus a word) and D(its set), then a
+  bounded number of rows of D(its set minus a word). So two questions meet when their sets are
+  equal or differ by one inserted, deleted or substituted word. Salient words (names, numbers:
+  see the guard) are never left out: a neighbour without them is a look-alike the guard would
+  refuse, and those keys ("Any update on ticket #…" minus the number) are the ones thousands of
+  entries share. The keys are 64-bit hashes that include the scope, in a B-tree: a lookup costs the
+  same at 100 entries and at 100k. The semantic decision itself is still the embedding
+  similarity; the keys only choose which entries are compared (the benchmark measures how many
+  threshold-passing matches an exhaustive scan would add).
+* :func:`guard` — refuses a semantic match between look-alike questions: every *salient* token of
+  either (numbers and tokens with digits, capitalised words inside a sentence, acronyms, quoted
+  spans, e-mails/URLs/identifiers) must occur in the other (case aside), both must carry the same
+  negations and contrast-class words (enable/disable, this/last month, upgrade/downgrade, ...), and
+  a word both put after a direction word must follow the same one ("from Team to Business" is not
+  "from Business to Team", in any case). Embeddings score such pairs close ("charged twice this
+  month" / "last month": MiniLM cosine 0.987) although their answers differ.
 * :class:`StaticEmbedder` — a bag of all-MiniLM-L6-v2's own input word-piece vectors (Zipf-weighted
   by vocabulary rank, the vocabulary's mean removed): ~50 µs per question instead of MiniLM's
   several ms. It is only a gate in front of MiniLM: a candidate far below it is dropped without

@@ -111,14 +111,16 @@ def tenant_index_sql(tenant_id: str, dim: int, concurrently: bool = True) -> str
     ops = "vector_cosine_ops" if cast.startswith("vector") else "halfvec_cosine_ops"
     tid = uuid.UUID(str(tenant_id))  # validated: it is written into the SQL as a literal
     return (f"CREATE INDEX {'CONCURRENTLY ' if concurrently else ''}IF NOT EXISTS {tenant_index_name(tid, dim)}"
-            f" ON chunk_vectors USING hnsw ((embedding::{cast}) {ops})"
+            f" ON chunk_vectors USING hnsw ((embedding::{cast}) {ops}) WITH (m = 16, ef_construction = 128)"
             f" WHERE tenant_id = '{tid}'::uuid AND embedding_dim = {int(dim)}")
 
 
 class PostgresKnowledgeStore(KnowledgeStore):
     dialect = "postgres"
 
-    def __init__(self, db: Database, *, exact_max: int | None = None, ef_search: int = 100,
+    exact_max = 5_000
+
+    def __init__(self, db: Database, *, exact_max: int | None = None, ef_search: int = 200,
                  max_scan_tuples: int = 40_000, auto_index: bool = True,
                  index_maintenance_work_mem: str = "1GB") -> None:
         super().__init__(db, exact_max=exact_max)
@@ -383,17 +385,15 @@ class PostgresKnowledgeStore(KnowledgeStore):
             return []
         with self.db.tenant_tx(tenant_id, write=False) as c:
             c.execute("SET LOCAL jit = off")
-            sql = ("SELECT c.id, ts_rank_cd(c.tsv, q) AS s FROM chunks c, websearch_to_tsquery('english', ?) q"
-                   " WHERE c.tenant_id = ? AND c.tsv @@ q")
-            # websearch_to_tsquery never raises; the words are joined with its `or`.
-            params: list[Any] = [" or ".join(terms), tenant_id]
+            docs: list[str] | None = None
             if flt:
                 docs, _ = self._matching_documents(c, tenant_id, flt)
                 if not docs:
                     return []
-                sql += " AND c.document_id = ANY(?::uuid[])"
-                params.append(docs)
-            sql += " ORDER BY s DESC, c.id LIMIT ?"
-            params.append(k)
-            rows = c.execute(sql, params).fetchall()
+            # kb_keyword_search (migration 0003): filters by this tenant AND the transaction's
+            # tenant, as the owner so the GIN index serves both the tenant and the terms (RLS
+            # would keep the non-leakproof @@ out of the index scan). websearch_to_tsquery never
+            # raises; the words are joined with its `or`.
+            rows = c.execute("SELECT chunk_id, score FROM kb_keyword_search(?::uuid, ?, ?, ?::uuid[])",
+                             (tenant_id, " or ".join(terms), k, docs)).fetchall()
         return [(str(r[0]), float(r[1])) for r in rows]

@@ -21,7 +21,8 @@ _SUMS = (
     "prompt_tokens", "completion_tokens", "cached_input_tokens", "cost_micro_usd",
     "saved_micro_usd", "latency_ms_sum",
 )
-_SELECT_SUMS = ", ".join(f"SUM(u.{c}) AS {c}" for c in _SUMS)
+# BIGINT: PostgreSQL sums BIGINT columns as NUMERIC, which would come back as Decimal objects.
+_SELECT_SUMS = ", ".join(f"CAST(SUM(u.{c}) AS BIGINT) AS {c}" for c in _SUMS)
 
 
 class ReportError(ValueError):
