@@ -619,8 +619,7 @@ def fill_100k(cache, tenant_id: str, n: int, rng: random.Random) -> tuple[list[s
 
     def flush() -> None:
         with cache.db.tenant_tx(tenant_id) as c:
-            for s in batch:
-                cache._insert(c, s)
+            cache._insert_many(c, batch)
         batch.clear()
 
     for i, q in enumerate(texts):

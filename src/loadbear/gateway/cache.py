@@ -630,8 +630,7 @@ class ResponseCache:
                 by_tenant.setdefault(s.scope.tenant_id, []).append(s)
             for tenant, group in by_tenant.items():
                 with self.db.tenant_tx(tenant) as c:
-                    for s in group:
-                        self._insert(c, s)
+                    self._insert_many(c, group)
         if hits:
             by_tenant_h: dict[str, list[_Hit]] = {}
             for h in hits:
@@ -662,33 +661,44 @@ class ResponseCache:
         except Exception:
             return None
 
-    def _insert(self, c: Conn, s: "_Store") -> None:
-        sc = s.scope
-        if sc.grounded:
-            # Never store an answer whose sources changed while it was being written.
-            if not s.versions or not self._versions_current(c, sc.tenant_id, s.versions):
-                return
-        c.execute("DELETE FROM cache_entries WHERE tenant_id = ? AND scope_hash = ? AND exact_hash = ?",
-                  (sc.tenant_id, sc.scope_hash, sc.exact_hash))
-        entry_id = uuid7()
-        vec = s.vector
-        blob = None if vec is None else np.ascontiguousarray(vec, dtype="<f4").tobytes()
-        c.execute(
+    def _insert_many(self, c: Conn, stores: list["_Store"]) -> int:
+        """Write one tenant's batch: each entry replaces the one with its scope and exact key, with
+        its neighbourhood keys and documents. Grounded answers whose sources changed meanwhile are
+        dropped. Returns how many entries were written."""
+        latest: dict[tuple[str, str], _Store] = {}
+        for s in stores:
+            sc = s.scope
+            # Never store an answer whose sources changed while it was being made or queued.
+            if sc.grounded and (not s.versions or not self._versions_current(c, sc.tenant_id, s.versions)):
+                continue
+            latest[(sc.scope_hash, sc.exact_hash)] = s  # the newest answer for a question wins
+        if not latest:
+            return 0
+        deletes, entries, keys, docs = [], [], [], []
+        for s in latest.values():
+            sc = s.scope
+            deletes.append((sc.tenant_id, sc.scope_hash, sc.exact_hash))
+            entry_id = uuid7()
+            blob = None if s.vector is None else np.ascontiguousarray(s.vector, dtype="<f4").tobytes()
+            entries.append((entry_id, sc.tenant_id, sc.scope_hash, sc.exact_hash, sc.feature, sc.tier, s.query,
+                            s.answer, s.model, s.prompt_tokens, s.completion_tokens, s.cost,
+                            None if s.citations is None else dumps(s.citations), sc.grounded,
+                            s.vector_model if blob is not None else None, blob, self._t(s.created),
+                            self._t(s.expires)))
+            if blob is not None:  # only an entry with a vector can be a semantic candidate
+                ks = sc.entry_keys if s.query == sc.query_text else question_keys(sc.scope_hash, s.query).entry
+                keys += [(sc.tenant_id, k, entry_id) for k in dict.fromkeys(ks)]
+            if sc.grounded and s.versions:
+                docs += [(entry_id, sc.tenant_id, d, int(v)) for d, v in s.versions.items()]
+        c.executemany("DELETE FROM cache_entries WHERE tenant_id = ? AND scope_hash = ? AND exact_hash = ?", deletes)
+        c.executemany(
             "INSERT INTO cache_entries (id, tenant_id, scope_hash, exact_hash, feature, tier, query_text, answer_text,"
             " model, prompt_tokens, completion_tokens, cost_micro_usd, citations, grounded, embedding_model, embedding,"
-            " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (entry_id, sc.tenant_id, sc.scope_hash, sc.exact_hash, sc.feature, sc.tier, s.query, s.answer, s.model,
-             s.prompt_tokens, s.completion_tokens, s.cost, None if s.citations is None else dumps(s.citations),
-             sc.grounded, s.vector_model if blob is not None else None, blob, self._t(s.created),
-             self._t(s.expires)))
-        keys = sc.entry_keys if s.query == sc.query_text else question_keys(sc.scope_hash, s.query).entry
-        if keys and blob is not None:
-            conflict = " ON CONFLICT DO NOTHING"
-            c.executemany("INSERT INTO cache_keys (tenant_id, key, entry_id) VALUES (?, ?, ?)" + conflict,
-                          [(sc.tenant_id, k, entry_id) for k in dict.fromkeys(keys)])
-        if sc.grounded and s.versions:
-            c.executemany("INSERT INTO cache_entry_documents (entry_id, tenant_id, document_id, version) VALUES (?, ?, ?, ?)",
-                          [(entry_id, sc.tenant_id, d, int(v)) for d, v in s.versions.items()])
+            " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", entries)
+        c.executemany("INSERT INTO cache_keys (tenant_id, key, entry_id) VALUES (?, ?, ?) ON CONFLICT DO NOTHING", keys)
+        c.executemany("INSERT INTO cache_entry_documents (entry_id, tenant_id, document_id, version)"
+                      " VALUES (?, ?, ?, ?)", docs)
+        return len(entries)
 
     def _versions_current(self, c: Conn, tenant_id: str, versions: Mapping[str, int]) -> bool:
         ids = [d for d in versions if _uuid(d) is not None]

@@ -138,11 +138,13 @@ class SQLiteDatabase(Database):
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield Conn(conn, "sqlite")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            else:
                 conn.execute("COMMIT")
+            except BaseException:
+                # Also after a failed COMMIT (disk full, I/O error): a transaction left open
+                # would make every later BEGIN on this thread's connection fail.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
         finally:
             if write:
                 self.write_lock.release()

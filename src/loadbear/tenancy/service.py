@@ -68,13 +68,22 @@ class TenantService:
         ts = TenantSettings.from_dict(merged)
         tenant = Tenant(id=str(uuid.uuid4()), slug=slug, name=(name or slug), settings=ts)
         now = db_time(self.db.dialect, utcnow())
-        with self.db.system_tx() as c:
-            if c.fetchone("SELECT id FROM tenants WHERE slug = ?", (slug,)):
-                raise TenancyError(f"a tenant with slug {slug!r} already exists", status=409, code="tenant_exists", param="slug")
-            c.execute(
-                "INSERT INTO tenants (id, slug, name, settings, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (tenant.id, slug, tenant.name, dumps(ts.to_dict()), now, now),
-            )
+        exists = TenancyError(f"a tenant with slug {slug!r} already exists", status=409, code="tenant_exists", param="slug")
+        try:
+            with self.db.system_tx() as c:
+                if c.fetchone("SELECT id FROM tenants WHERE slug = ?", (slug,)):
+                    raise exists
+                c.execute(
+                    "INSERT INTO tenants (id, slug, name, settings, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (tenant.id, slug, tenant.name, dumps(ts.to_dict()), now, now),
+                )
+        except TenancyError:
+            raise
+        except Exception as exc:
+            # Two concurrent creates: the unique index refuses the second one.
+            if "unique" in str(exc).lower() or type(exc).__name__ in ("UniqueViolation", "IntegrityError"):
+                raise exists from None
+            raise
         tenant.created_at = iso(now)
         return tenant
 
