@@ -127,7 +127,7 @@ def demo(
 @app.command()
 def run() -> None:
     """Migrate, create the demo tenant and key, and serve (what `make run` does)."""
-    demo("demo")
+    demo("demo", DEMO_DOCS)
     serve(None, None, 1)
 
 
