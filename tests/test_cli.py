@@ -115,3 +115,15 @@ def test_simulate_command_serves(tmp_path: Path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_setup_demo_is_callable_from_python(tmp_path: Path, monkeypatch):
+    """`loadbear run` calls the demo set-up directly: it must not depend on Typer's defaults."""
+    from loadbear.cli import setup_demo
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "hello.md").write_text("# Hello\n\nSupport is open on weekdays.\n")
+    monkeypatch.setenv("LOADBEAR_DATABASE_URL", f"sqlite:///{tmp_path / 'py.db'}")
+    setup_demo("demo", str(docs))
+    setup_demo()  # the defaults are plain values too (a missing folder is simply skipped)

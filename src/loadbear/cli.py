@@ -80,6 +80,11 @@ def demo(
     docs: str = typer.Option(DEMO_DOCS, help="Help-centre folder to load into a new demo tenant."),
 ) -> None:
     """Create the demo tenant (if missing) with the example help centre, and print a fresh API key."""
+    setup_demo(slug, docs)
+
+
+def setup_demo(slug: str = "demo", docs: str = DEMO_DOCS) -> None:
+    """What `loadbear demo` does, callable from Python (and from `loadbear run`)."""
     from pathlib import Path
 
     from loadbear.knowledge.types import KnowledgeError
@@ -127,7 +132,7 @@ def demo(
 @app.command()
 def run() -> None:
     """Migrate, create the demo tenant and key, and serve (what `make run` does)."""
-    demo("demo", DEMO_DOCS)
+    setup_demo("demo", DEMO_DOCS)
     serve(None, None, 1)
 
 
