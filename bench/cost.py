@@ -25,15 +25,17 @@ Runs, in order:
    caches (every entry of the scope compared) at thresholds 0.80-0.95, with and without the
    look-alike guard, give the hit and false-hit rates each policy would have; the static gate's
    effect is measured on the same data;
-2. baseline: every request through ``Gateway`` (SQLite, ledger on) to the simulator as
-   ``gpt-4o``, no cache; then the same with ``model: "auto"`` (complexity routing: ``gpt-4o-mini``
-   for what the router calls simple), still no cache;
-3. cached: the same requests with the response cache wired like the chat path will be (key_for →
-   lookup → on a miss the model, ``should_store`` → ``store``); each lookup and store timed as the
-   request sees them (``await cache.lookup``: the worker-thread hop, the reads, the query embedding
-   when one is needed); then cache and routing together (another tenant, an empty cache; the scope
-   of an "auto" request has the tier "auto": the cache is looked up before routing).
-   ``--no-routing`` skips the routed runs;
+2. baseline: every request through ``Gateway.chat`` (SQLite, ledger on) to the simulator as
+   ``gpt-4o``, for a tenant without the cache; then the same with ``model: "auto"`` (complexity
+   routing: ``gpt-4o-mini`` for what the router calls simple), still no cache;
+3. cached: the same requests through ``Gateway.chat`` for a tenant with ``cache_enabled``: the
+   gateway looks the cache up, serves hits and stores ok answers itself. What the cache adds to
+   each request is timed as the request sees it (``CacheMeter``: ``key_for``, ``await
+   cache.lookup`` with its worker-thread hop, reads and query embedding when one is needed, and
+   the store's enqueue; CPU time of the loop and worker threads too); then cache and routing
+   together (another tenant, an empty cache; the scope of an "auto" request carries the tier the
+   router picked). Cost and savings are the tenants' ledger sums. ``--no-routing`` skips the
+   routed runs;
 4. 100k: ``--entries`` entries in ONE scope of one tenant (the worst case: nothing partitions
    them), lookups timed with the query vector given (the target excludes the query embedding):
    exact repeats, near variants (hits) and new questions (misses).
@@ -497,6 +499,7 @@ class Replay:
     false_hits: int = 0
     saved: int = 0
     miss_ms: list[float] = field(default_factory=list)  # lookup + store as a missing request sees them
+    miss_cpu_ms: list[float] = field(default_factory=list)  # the same, CPU time (event loop + worker thread)
     miss_embedded: int = 0  # misses whose lookup had to embed the question
     hit_ms: list[float] = field(default_factory=list)
     store_ms: list[float] = field(default_factory=list)
@@ -505,58 +508,118 @@ class Replay:
     wall_s: float = 0.0
 
 
-async def replay(reqs: list[Request], gw, auth, cache, threshold: float, routing: bool) -> Replay:
-    """Requests one after the other, wired as the chat path will be (see the module docstring)."""
-    from loadbear.gateway.cache import should_store
+class CacheMeter:
+    """What the cache adds to each request, as the request sees it: ``key_for`` and the store's
+    enqueue on the event loop, the lookup's wall time (worker-thread hop, reads, query embedding
+    when one is needed) and its CPU time in the worker thread. It wraps the gateway's own cache
+    object; nothing else about the request path changes."""
+
+    def __init__(self, cache) -> None:
+        self.cache = cache
+        self.wall = self.cpu = self.store_wall = 0.0
+        key_for, lookup, lookup_sync, store = cache.key_for, cache.lookup, cache.lookup_sync, cache.store
+
+        def timed_key_for(*a, **kw):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return key_for(*a, **kw)
+            finally:
+                self.wall += time.perf_counter() - t0
+                self.cpu += time.thread_time() - c0
+
+        async def timed_lookup(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return await lookup(*a, **kw)
+            finally:
+                self.wall += time.perf_counter() - t0
+
+        def timed_lookup_sync(*a, **kw):  # in the worker thread: its CPU only
+            c0 = time.thread_time()
+            try:
+                return lookup_sync(*a, **kw)
+            finally:
+                self.cpu += time.thread_time() - c0
+
+        def timed_store(*a, **kw):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return store(*a, **kw)
+            finally:
+                dt = time.perf_counter() - t0
+                self.wall += dt
+                self.store_wall += dt
+                self.cpu += time.thread_time() - c0
+
+        cache.key_for, cache.lookup, cache.lookup_sync, cache.store = (
+            timed_key_for, timed_lookup, timed_lookup_sync, timed_store)
+        self._orig = (key_for, lookup, lookup_sync, store)
+
+    def reset(self) -> None:
+        self.wall = self.cpu = self.store_wall = 0.0
+
+    def close(self) -> None:
+        c = self.cache
+        c.key_for, c.lookup, c.lookup_sync, c.store = self._orig
+
+
+async def replay(reqs: list[Request], gw, tenant_slug: str, cached: bool, routing: bool) -> Replay:
+    """Every request through ``Gateway.chat`` (the wired request path: the cache is looked up, hits
+    are served and misses stored by the gateway itself), one after the other, for one tenant whose
+    settings turn the cache on or off. Cost and savings come from that tenant's ledger rows."""
     from loadbear.gateway.validation import ChatBody
 
+    gw.tenants.create_tenant(tenant_slug, tenant_slug, {"default_model": MODEL, "cache_enabled": cached})
+    _, key = gw.tenants.create_key(tenant_slug, "bench")
+    auth = gw.authenticate(key)
+    meter = CacheMeter(gw.cache) if cached else None
     out = Replay()
     t_start = time.perf_counter()
-    for r in reqs:
-        body = ChatBody(model="auto" if routing else MODEL, messages=r.messages, feature=FEATURE)
-        call = gw.new_call(auth, body, FEATURE)
-        await call.retrieve()
-        out.requests += 1
-        scope = None
-        t0 = time.perf_counter()
-        if cache is not None:
-            embedded = cache.counters["embedded"]
-            tier = "auto" if body.model == "auto" else (call.chain[0].tier or call.chain[0].name)
-            scope = cache.key_for(auth.tenant_id, call.feature, body.messages, tier, None)
-            hit = await cache.lookup(scope, threshold=threshold)
-            lookup_ms = (time.perf_counter() - t0) * 1000
-            if hit is not None:
-                out.hit_ms.append(lookup_ms)
+    try:
+        for r in reqs:
+            body = ChatBody(model="auto" if routing else MODEL, messages=r.messages, feature=FEATURE)
+            out.requests += 1
+            embedded = gw.cache.counters["embedded"] if cached else 0
+            if meter is not None:
+                meter.reset()
+            result = await gw.chat(auth, body, FEATURE)
+            lb = result.body["loadbear"]
+            text = result.body["choices"][0]["message"]["content"]
+            if lb["cached"]:
                 out.hits += 1
-                out.saved += hit.cost_micro_usd
-                if hit.kind == "exact":
+                out.hit_ms.append(meter.wall * 1000)
+                if lb["cache"] == "hit-exact":
                     out.exact += 1
                 else:
                     out.semantic += 1
-                served = intent_of_answer(hit.text)
                 out.by_kind[r.kind]["hit"] += 1
-                if served != r.intent:
+                if intent_of_answer(text) != r.intent:
                     out.false_hits += 1
-                    out.false_examples.append((r.question, hit.query_text))
+                    out.false_examples.append((r.question, lb["cache_entry_id"]))
                 continue
-            miss_embedded = cache.counters["embedded"] > embedded
-        result = await call.complete()
-        out.by_kind[r.kind]["miss"] += 1
-        out.cost += sum(a.cost_micro_usd for a in call.state.attempts)
-        if cache is not None:
-            text = result.body["choices"][0]["message"]["content"]
-            t1 = time.perf_counter()
-            if should_store(call.status, finish_reason=call.state.finish_reason, text=text):
-                u = call.total_usage()
-                cache.store(scope, answer_text=text, model=call.served_name, usage_tokens=u,
-                            cost_micro_usd=sum(a.cost_micro_usd for a in call.state.attempts))
-            store_ms = (time.perf_counter() - t1) * 1000
-            out.store_ms.append(store_ms)
-            out.miss_ms.append(lookup_ms + store_ms)
-            out.miss_embedded += miss_embedded
-            cache.flush()  # replayed back to back: let the entry land before the next request, as it
-            # would between requests arriving seconds apart
+            out.by_kind[r.kind]["miss"] += 1
+            if meter is not None:
+                out.miss_ms.append(meter.wall * 1000)
+                out.miss_cpu_ms.append(meter.cpu * 1000)
+                out.store_ms.append(meter.store_wall * 1000)
+                out.miss_embedded += gw.cache.counters["embedded"] > embedded
+                # Replayed back to back: let the entry land before the next request, as it would
+                # between requests arriving seconds apart.
+                gw.cache.flush()
+    finally:
+        if meter is not None:
+            meter.close()
     out.wall_s = time.perf_counter() - t_start
+    gw.ledger.flush(60)
+    with gw.db.tenant_tx(auth.tenant_id, write=False) as c:
+        row = c.fetchone("SELECT CAST(SUM(cost_micro_usd) AS BIGINT) AS cost, CAST(SUM(saved_micro_usd) AS BIGINT)"
+                         " AS saved, COUNT(*) AS n FROM ai_interactions WHERE tenant_id = ?", (auth.tenant_id,))
+        out.cost, out.saved = int(row["cost"] or 0), int(row["saved"] or 0)
+        assert int(row["n"]) == len(reqs), "one ledger row per request"
+        # name the question each false hit was served from
+        out.false_examples = [
+            (q, c.scalar("SELECT query_text FROM cache_entries WHERE tenant_id = ? AND id = ?", (auth.tenant_id, e))
+             or "(entry since replaced)") for q, e in out.false_examples[:10]]
     return out
 
 
@@ -662,9 +725,10 @@ async def time_100k(cache, tenant_id: str, texts: list[str], vecs: dict[str, np.
     cands: list[int] = []
     orig = cache._candidates
 
-    def counting(c, scope, t):
-        rows = orig(c, scope, t)
-        cands.append(len(rows))
+    def counting(c, scope, t, **kw):
+        rows = orig(c, scope, t, **kw)
+        if not any(r.get("exact") for r in rows):
+            cands.append(len(rows))
         return rows
 
     cache._candidates = counting
@@ -731,7 +795,6 @@ def make_database(backend: str, pg_url: str | None, tmp: Path) -> tuple[str, Any
 async def run_gateway(args, reqs: list[Request], db_url: str) -> dict[str, Any]:
     from loadbear import Gateway, Settings
     from loadbear.config.catalog import Catalog
-    from loadbear.gateway.cache import CachePolicy, ResponseCache
     from loadbear.testing.simulator import UpstreamSimulator
 
     by_users = {tuple(m["content"] for m in r.messages if m["role"] == "user"): r.intent for r in reqs}
@@ -748,34 +811,26 @@ async def run_gateway(args, reqs: list[Request], db_url: str) -> dict[str, Any]:
                                  ledger_flush_interval_ms=20)
         gw = Gateway(settings, catalog=Catalog.from_settings(models, env={}, default_model=MODEL))
         gw.migrate()
-        gw.tenants.create_tenant("bench", "Bench", {"default_model": MODEL})
-        _, key = gw.tenants.create_key("bench", "bench")
-        auth = gw.authenticate(key)
-        policy = CachePolicy()
+        cache = gw.cache
         say(f"[{time.strftime('%H:%M:%S')}] baseline: {len(reqs)} requests, no cache, model {MODEL}")
-        base = await replay(reqs, gw, auth, None, policy.threshold, routing=False)
+        base = await replay(reqs, gw, "bench", cached=False, routing=False)
         say(f"  cost {base.cost} µUSD, {base.wall_s:.1f} s")
-        cache = ResponseCache(gw.db)
         cache.embedder.embed(["warm up"])  # load MiniLM before the clock (a server loads it at start)
         cache.static.embed(["warm up"])
         say(f"[{time.strftime('%H:%M:%S')}] cached")
-        cached = await replay(reqs, gw, auth, cache, policy.threshold, routing=False)
+        cached = await replay(reqs, gw, "bench-cached", cached=True, routing=False)
         say(f"  cost {cached.cost} µUSD, hits {cached.hits}, false {cached.false_hits}, {cached.wall_s:.1f} s")
         counters = dict(cache.counters)
-        entries = cache.count(auth.tenant_id)
+        entries = cache.count(gw.tenants.get_tenant("bench-cached").id)
         out = {"baseline": base, "cached": cached, "counters": counters, "entries": entries}
         if args.routing:
             say(f"[{time.strftime('%H:%M:%S')}] routing, no cache")
-            out["routed"] = await replay(reqs, gw, auth, None, policy.threshold, routing=True)
+            out["routed"] = await replay(reqs, gw, "bench-routed", cached=False, routing=True)
             say(f"  cost {out['routed'].cost} µUSD")
-            gw.tenants.create_tenant("bench-routed", "Bench routed", {"default_model": MODEL})
-            _, key2 = gw.tenants.create_key("bench-routed", "bench")
-            cache2 = ResponseCache(gw.db)
             say(f"[{time.strftime('%H:%M:%S')}] cache + routing")
-            out["cached_routed"] = await replay(reqs, gw, gw.authenticate(key2), cache2, policy.threshold, routing=True)
+            out["cached_routed"] = await replay(reqs, gw, "bench-cached-routed", cached=True, routing=True)
             r = out["cached_routed"]
             say(f"  cost {r.cost} µUSD, hits {r.hits}, false {r.false_hits}")
-            cache2.close()
         if not args.skip_100k:
             t2 = gw.tenants.create_tenant("bench-100k", "Bench 100k", {})
             rng = random.Random(5)
@@ -785,7 +840,6 @@ async def run_gateway(args, reqs: list[Request], db_url: str) -> dict[str, Any]:
             out["100k"] = await time_100k(cache, t2.id, texts, vecs, rng, args.queries)
             out["100k"]["fill_s"] = fill_s
             out["100k"]["entries"] = cache.count(t2.id)
-        cache.close()
         await gw.aclose()
         return out
     finally:
@@ -911,7 +965,7 @@ def main() -> None:
 def _json_default(o: Any) -> Any:
     if isinstance(o, (Replay,)):
         d = dict(o.__dict__)
-        for k in ("miss_ms", "hit_ms", "store_ms"):
+        for k in ("miss_ms", "miss_cpu_ms", "hit_ms", "store_ms"):
             d[k] = {"p50": pct(d[k], 50), "p99": pct(d[k], 99), "n": len(d[k])}
         d["by_kind"] = {k: dict(v) for k, v in d["by_kind"].items()}
         return d
@@ -930,7 +984,9 @@ def render(res: dict[str, Any]) -> str:
     L.append("## Cache")
     L.append("")
     L.append("`bench/cost.py`: the response cache (`gateway/cache.py`) on a realistic helpdesk workload, replayed "
-             "through `Gateway` against the upstream simulator, and lookups against 100k entries in one scope.")
+             "through `Gateway.chat` (the wired request path: lookup before the budget and the model call, hits "
+             "served and ledgered, ok answers stored by the gateway) against the upstream simulator, and lookups "
+             "against 100k entries in one scope.")
     L.append("")
     L.append("```\n.venv/bin/python bench/cost.py --pg-100k     # --backend postgres, --no-routing, --requests N\n```")
     L.append("")
@@ -967,9 +1023,11 @@ def render(res: dict[str, Any]) -> str:
         L.append(f"| cost with cache | {c.cost / 1e6:.4f} USD ({saved_pct:.1%} lower) | ≥ 40% lower |"
                  f" {'✅' if saved_pct >= 0.40 else '❌'} |")
     mp50 = pct(c.miss_ms, 50)
-    L.append(f"| added to a request that misses, p50 (lookup + store, embedding included) | {mp50:.2f} ms | ≤ 5 ms |"
+    L.append(f"| added to a request that misses, p50 (scope, lookup, store; embedding included) | {mp50:.2f} ms | ≤ 5 ms |"
              f" {'✅' if mp50 <= 5 else '❌'} |")
     L.append(f"| … p99 | {pct(c.miss_ms, 99):.2f} ms | | |")
+    L.append(f"| … CPU time (loop + worker thread), p50 / p99 | {pct(c.miss_cpu_ms, 50):.2f} / "
+             f"{pct(c.miss_cpu_ms, 99):.2f} ms | | |")
     L.append(f"| misses whose lookup embedded the question (MiniLM) | {c.miss_embedded} of {len(c.miss_ms)} "
              f"({c.miss_embedded / max(1, len(c.miss_ms)):.1%}) | | |")
     L.append(f"| store on the request path (enqueue), p50 / p99 | {pct(c.store_ms, 50):.3f} / {pct(c.store_ms, 99):.3f} ms | | |")
@@ -1030,9 +1088,18 @@ def render(res: dict[str, Any]) -> str:
              "(`cached`, the kind, the similarity), so a caller learns that someone in the same tenant, feature, "
              "system prompt and conversation asked the same or a near-identical question within the TTL, and sees "
              "the answer given then. Nothing crosses tenants: the scope hash, every key and every row carry the "
-             "tenant (RLS on PostgreSQL), and another tenant's entries change no lookup's work. Features whose end "
-             "users must not learn about each other's questions should put the end user in the scope "
-             "(`key_for(..., extra={\"user\": ...})`) or turn the cache off for that feature.")
+             "tenant (RLS on PostgreSQL), and another tenant's entries change no lookup's work. Requests whose end "
+             "users must not learn about each other's questions should bypass the cache (`\"cache\": false` or "
+             "`X-Loadbear-Cache: off`), or the tenant leaves it off (it is opt-in: `cache_enabled`).")
+    L.append("* **Where it sits on the request path.** `Gateway.chat`: rate limits → retrieval (a grounded "
+             "request's sources are part of its scope) → cache lookup → on a miss the budget reservation and the "
+             "model chain. A hit therefore reserves nothing, costs 0 and is served even at the hard budget limit; "
+             "its ledger row says `cached`, the kind, the similarity, the entry and `saved_micro_usd` (the entry's "
+             "tokens at its model's catalog price). The scope's model part is the tier the router picked for "
+             "`auto` (fixed before any budget downgrade) and the model itself for an explicit one; only answers of "
+             "that tier or model are stored (not a failover's or a downgrade's), and only ok, complete "
+             "(`finish_reason` stop), non-continued answers, queued to the writer thread. When every model fails, "
+             "the scope's most similar entry at the degraded threshold is served marked degraded.")
     L.append("")
     L.append("### Exhaustive semantic caches on the same requests (offline: what each policy would serve)")
     L.append("")

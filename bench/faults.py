@@ -1,7 +1,7 @@
 """Reliability benchmark: a flaky upstream behind a fallback chain, and what clients actually get.
 
     .venv/bin/python bench/faults.py [--scenario NAME]... [--requests 3000] [--concurrency 32]
-                                     [--redis] [--no-continuation] [--out r.json] [--no-docs]
+                                     [--redis] [--breaker-store S] [--no-continuation] [--out r.json] [--no-docs]
 
 Scenarios (default: all, one after the other, each on fresh processes and a fresh database):
 
@@ -26,8 +26,8 @@ Set-up, on one machine:
 * loadbear in its own process (``uvicorn loadbear.api.factory:build_app --factory``), on a fresh
   SQLite file, with the catalog ``primary → fallback → local`` (primary: 2 retries; fallback: 1),
   per-model timeouts connect 1 s / first token 1 s / idle 1 s / total 8 s, a 10 s request
-  deadline, breakers at 5 consecutive failures with a 1 s cooldown (in-process, or Redis with
-  ``--redis``), and a tenant with an honest fallback message and continuation enabled
+  deadline, breakers at 5 consecutive failures with a 1 s cooldown (shared through the database
+  by default, Redis with ``--redis``, or ``--breaker-store memory|database|redis``), and a tenant with an honest fallback message and continuation enabled
   (``--no-continuation`` turns it off: mid-stream failures then end with an error event);
 * after two warm-up requests to the ``local`` model (lazy imports, tokenizer), this process
   sends ``--requests`` chat requests, alternately streamed and not, from ``--concurrency``
@@ -76,6 +76,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Reliability"
+KEPT_SUBSECTION = "### Breaker state in the database"
 FAULT_KINDS = ("rate_limit", "server_error", "unavailable", "refused", "no_headers", "stall_first_token",
                "cut_mid_stream", "malformed_chunk", "inband_error")
 FALLBACK_MESSAGE = "Our assistant is unavailable right now."
@@ -119,7 +120,7 @@ def toml_value(v: Any) -> str:
 
 
 def write_config(path: Path, db: Path, primary_url: str, fallback_url: str, redis_url: str | None,
-                 prefix: str) -> None:
+                 prefix: str, breaker_store: str = "auto") -> None:
     top = {
         "database_url": f"sqlite:///{db}",
         "admin_key": "bench-admin-key",
@@ -128,6 +129,7 @@ def write_config(path: Path, db: Path, primary_url: str, fallback_url: str, redi
         "breaker_threshold": 5,
         "breaker_cooldown_s": 1.0,
         "breaker_key_prefix": prefix,
+        "breaker_store": breaker_store,
         "retry_base_delay_s": 0.05,
         "retry_max_delay_s": 0.5,
         "retry_after_max_s": 2.0,
@@ -259,6 +261,12 @@ def chat_calls(stats: dict[str, Any]) -> int:
     return by_path.get("/v1/chat/completions", 0) + by_path.get("/v1/messages", 0)
 
 
+def store_name(args: argparse.Namespace) -> str:
+    if args.breaker_store != "auto":
+        return args.breaker_store
+    return "redis" if args.redis else "database"
+
+
 def run(args: argparse.Namespace, scenario: str) -> dict[str, Any]:
     from loadbear.testing import UpstreamSimulator
 
@@ -279,7 +287,7 @@ def run(args: argparse.Namespace, scenario: str) -> dict[str, Any]:
     try:
         db = work / "loadbear.db"
         cfg = work / "loadbear.toml"
-        write_config(cfg, db, primary.url, fallback.url, redis_url, prefix)
+        write_config(cfg, db, primary.url, fallback.url, redis_url, prefix, args.breaker_store)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("LOADBEAR_", "OPENAI_", "ANTHROPIC_"))}
         env["LOADBEAR_CONFIG"] = str(cfg)
 
@@ -394,7 +402,7 @@ def run(args: argparse.Namespace, scenario: str) -> dict[str, Any]:
         "config": {"requests": args.requests, "concurrency": args.concurrency, "fault_rate": fault_rate,
                    "fallback_fault_rate": fallback_fault_rate, "local_last_resort": with_local,
                    "fault_kinds": list(FAULT_KINDS),
-                   "deadline_s": DEADLINE_S, "timeouts": TIMEOUTS, "breaker_store": "redis" if args.redis else "memory",
+                   "deadline_s": DEADLINE_S, "timeouts": TIMEOUTS, "breaker_store": store_name(args),
                    "continuation": not args.no_continuation, "seed": args.seed},
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "wall_s": round(wall, 2),
@@ -572,6 +580,10 @@ def write_docs(section: str, path: Path = DOCS) -> None:
         nxt = re.search(r"^## ", text[start + len(SECTION):], flags=re.M)
         end = start + len(SECTION) + nxt.start() if nxt else len(text)
         rest = text[end:]
+        # Written by bench/breaker_store.py's author, not by this script: keep it.
+        kept = re.search(rf"^{re.escape(KEPT_SUBSECTION)}.*?(?=^##|\Z)", text[start:end], flags=re.M | re.S)
+        if kept and KEPT_SUBSECTION not in section:
+            section = section.rstrip("\n") + "\n\n" + kept.group(0).rstrip("\n") + "\n"
         text = text[:start] + section + ("\n" + rest if rest else "")
     path.write_text(text)
 
@@ -586,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fallback-fault-rate", type=float, help="override: share of the fallback's calls that fail")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--redis", action="store_true", help="share breaker state through Redis")
+    p.add_argument("--breaker-store", choices=["auto", "memory", "database", "redis"], default="auto",
+                   help="where breaker state lives (auto: Redis with --redis, else the database)")
     p.add_argument("--redis-url", default=os.environ.get("LOADBEAR_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
     p.add_argument("--no-continuation", action="store_true", help="tenant without allow_continuation")
     p.add_argument("--out", type=Path, help="write the results as JSON")

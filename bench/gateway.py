@@ -75,49 +75,79 @@ PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 CONTENT_RE = re.compile(rb'"content":"[^"]')
 DONE = b"data: [DONE]"
 
-# Where the time goes: py-spy (``record --gil``, 200 Hz) on loadbear at concurrency 32, this
-# benchmark's setup. Kept here so that the docs section stays whole when the benchmark re-runs;
+# Where the time goes: py-spy (``record --gil``) on loadbear at concurrency 32, this
+# benchmark's setup, and the A/B of the upstream client (``--server-env``). Kept here so
+# that the docs section stays whole when the benchmark re-runs;
 # update it with the profile when the hot path changes.
 NOTES = """\
 ### Where the server's time goes
 
-Profile (py-spy, samples of the event-loop thread holding the GIL; the loop thread is ~90% of
-the server's CPU, the ledger writer threads the rest), 2026-11-27, non-streamed, concurrency 32:
+Profile (py-spy `record --gil`, 250 Hz, 8 s inside the loadbear phase at concurrency 32, this
+benchmark's setup), 2026-11-27 ~12:15 UTC, with the lean upstream client; shares of the server
+process's samples (the event-loop thread is ~97% of them, the ledger writer thread ~3%).
 
-| share of the loop thread | what |
+Non-streamed (0.30-0.35 ms of server CPU per request in that run):
+
+| share | what |
 |--:|---|
-| ~38% | the upstream call through aiohttp (`HttpClient.post`: `ClientSession._request`, request writer, response parser, pool) |
-| ~15% | gateway bookkeeping: `ChatCall` set-up (uuid7, datetimes), executor (`_clamped` copies the model config twice per attempt, attempt record, breaker), `finish()` building the ledger row, ledger submit |
-| ~12% | uvicorn's HTTP protocol (httptools callbacks, task per request) and sending the response |
-| ~11% | the route: auth (header, sha256 of the key, cache), body read, `parse_chat_body`, JSON response |
-| ~7% | FastAPI/Starlette layers still outside `BodyLimit`; half of it is FastAPI's native-telemetry check (`NativeTelemetry.enabled` reads `os.environ` and the tracer provider on every request) |
-| ~13% | the event loop itself (epoll, callbacks, task steps) |
+| ~13% | the upstream call: `HttpClient.post` (~9%: request bytes, socket write, httptools parse, pool) and the provider around it (`OpenAIProvider.complete`: orjson both ways, usage mapping) |
+| ~7% | executor bookkeeping around the call: breaker `allow`/`record`, the attempt row, `_clamped` |
+| ~15% | the call's set-up and end: `Gateway.new_call` / `ChatCall` (uuid7, datetimes), `ChatCall.finish` (the ledger row), `Gateway.record` (metrics hook) |
+| ~18% | the response: Starlette's `Response` (headers, orjson render) and uvicorn's `RequestResponseCycle.send`, most of it the socket write |
+| ~12% | uvicorn's HTTP protocol: httptools callbacks, scope, the task per request |
+| ~10% | the route: auth (sha256 of the key, cache), body read, `parse_chat_body` |
+| ~8% | ASGI layers in front of `BodyLimit`: uvicorn's proxy-headers middleware, FastAPI/Starlette (`ServerErrorMiddleware`, `ExceptionTelemetryMiddleware`, `AppBodyLimitMiddleware`), `HttpObserver` |
+| ~11% | the event loop itself (epoll, callbacks, task steps) |
 
-Streamed, concurrency 32: the upstream side dominates: opening the stream with aiohttp ~21%,
-reading it (aiohttp's protocol and `StreamReader` per HTTP chunk, SSE parsing, `orjson.loads`
-per event) ~15%, writing chunks to the client (Starlette's and uvicorn's send path) ~6% after
-coalescing, the rest as above. At concurrency 1 every upstream event arrives in its own read
-and costs a wake-up, a parse and a send of its own: that is why a stream costs about 1.6x the
-CPU at c=1 than at c=32. On this shared machine everything idle between requests also runs
-with cold caches: the simulator itself spends 0.3 ms per non-streamed request when called
-back to back (direct, c=1) and 0.7 ms when called through loadbear at c=1, for the same work.
+Streamed (0.50 ms per 20-chunk stream in that run): the provider's stream is ~25%
+(`HttpClient.open_stream` ~7.5%, `SSEStream.next_events` ~6% of which `SSEParser.feed` 5.5%,
+`orjson.loads` and the delta handling per event ~10%), writing the chunks to the client
+(`SSEResponse`, uvicorn's send) ~15%, `ChatCall.finish` + `Gateway.record` ~12%, the rest as
+above. At concurrency 1 every upstream event arrives in its own read and costs a wake-up, a
+parse and a send of its own; at concurrency 32+ several arrive per read and go out in one send.
+On this shared machine everything idle between requests also runs with cold caches: the same
+work costs more CPU at c=1 than at c=32, and more on a busy machine than on a quiet one
+(compare runs made at the same time only).
 
 Memory grows with the ledger, not with traffic as such: tracemalloc shows no Python-level growth
 between rounds of requests; each SQLite connection keeps up to 64 MiB of page cache
 (`PRAGMA cache_size=-65536` in `storage/db.py`), which fills as the database grows.
 
-Standalone, against the same simulator, aiohttp's client costs 0.29-0.31 ms of CPU per
-non-streamed call and 0.55-0.8 ms per 20-chunk stream; the benchmark's raw asyncio client does
-the same exchange for 0.08-0.10 ms (non-streamed) and 0.3-0.45 ms (streamed, with its own
-bookkeeping). A lean HTTP/1.1 upstream client (asyncio protocol + httptools parser, own pool)
-is the largest remaining saving: ~0.2 ms per request, ~0.4 ms per stream.
+### The lean upstream client (A/B)
 
-What was changed for this benchmark (A/B medians of 5-6 alternating 5 s runs at concurrency 32,
-same machine, same time): `POST /v1/chat/completions` is served by `BodyLimit` directly instead
-of FastAPI's exception middleware, router walk and dependency solving (same exception handlers,
-so the same error shapes); SSE chunks produced back to back go out in one send; the request id
-is drawn without building a `UUID`. Server CPU per non-streamed request 1.37 -> 1.10 ms, per
-streamed request 2.35 -> 1.63 ms.
+The providers call upstreams through a small HTTP/1.1 client of their own
+(`providers/_h1.py`: an asyncio protocol with httptools' parser, a keep-alive pool per origin,
+TLS through asyncio; `providers/_http.py`: deadlines, SSE) instead of aiohttp's client, which
+stays available as `LOADBEAR_UPSTREAM_HTTP=aiohttp` (and is used when
+`LOADBEAR_UPSTREAM_TRUST_ENV=1` asks for proxies). A/B in one session, alternating runs
+(2 runs x 4 s phases + 2 runs x 5 s phases per arm, 1,000 sequential requests at c=1, load
+average 6-10 from other jobs), medians of the server's CPU per request (range):
+
+    python bench/gateway.py --quick --requests 1000 --duration 5 --no-docs --out aiohttp.json --server-env LOADBEAR_UPSTREAM_HTTP=aiohttp
+    python bench/gateway.py --quick --requests 1000 --duration 5 --no-docs --out lean.json
+
+| scenario | aiohttp client, ms/req | lean client, ms/req | ratio |
+|---|--:|--:|--:|
+| non-stream c=1 | 1.125 (1.02-1.31) | 0.715 (0.60-0.87) | 0.64 |
+| non-stream c=32 | 0.518 (0.47-0.58) | 0.297 (0.28-0.33) | 0.57 |
+| non-stream c=128 | 0.512 (0.46-0.54) | 0.330 (0.28-0.34) | 0.65 |
+| stream c=1 | 1.220 (0.87-1.39) | 0.835 (0.66-1.11) | 0.68 |
+| stream c=32 | 0.761 (0.66-0.80) | 0.587 (0.42-0.68) | 0.77 |
+| stream c=128 | 0.760 (0.67-0.78) | 0.607 (0.45-0.65) | 0.80 |
+
+Standalone (the provider alone against the simulator in the same process, CPU of the calling
+thread, 3 x 1,000 calls each): `OpenAIProvider.complete` 0.15 ms through aiohttp, 0.06 ms
+through the lean client; a 20-chunk `OpenAIProvider.stream` 0.27-0.39 ms vs 0.21-0.23 ms (the
+rest of a stream is the provider's per-event parsing: `orjson.loads` and the delta handling).
+In the executor, `_clamped` (the model with its total timeout cut to the request's deadline,
+once per attempt) copies slot by slot instead of two `dataclasses.replace`: 11.4 -> 2.3 µs.
+
+Earlier changes (A/B medians of 5-6 alternating 5 s runs at concurrency 32): `POST
+/v1/chat/completions` is served by `BodyLimit` directly instead of FastAPI's exception
+middleware, router walk and dependency solving (same exception handlers, so the same error
+shapes); SSE chunks produced back to back go out in one send; the request id is drawn without
+building a `UUID`. Server CPU per non-streamed request 1.37 -> 1.10 ms, per streamed request
+2.35 -> 1.63 ms.
 """
 
 TARGETS = {
@@ -804,6 +834,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
     parser.add_argument("--docs", action="store_true", help="write docs/benchmarks.md even with --quick")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (database, logs)")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra environment for loadbear (repeatable), for A/B runs, e.g. "
+                             "LOADBEAR_UPSTREAM_TRUST_ENV=1 to call the simulator through aiohttp")
     args = parser.parse_args(argv)
     if args.requests is None:
         args.requests = 200 if args.quick else 2000
@@ -846,7 +879,13 @@ def main(argv: list[str] | None = None) -> int:
         server_argv = [sys.executable, "-m", "uvicorn", "loadbear.api.factory:build_app", "--factory",
                        "--host", "127.0.0.1", "--port", str(gw_port), "--loop", "uvloop", "--http", "httptools",
                        "--no-access-log", "--log-level", "warning"]
-        server = subprocess.Popen(pinned(args.server_core, server_argv), env=env, cwd=tmp,
+        server_env = dict(env)
+        for item in args.server_env:
+            name, sep, value = item.partition("=")
+            if not sep:
+                parser.error(f"--server-env wants NAME=VALUE, got {item!r}")
+            server_env[name] = value
+        server = subprocess.Popen(pinned(args.server_core, server_argv), env=server_env, cwd=tmp,
                                   stdout=srv_log, stderr=subprocess.STDOUT, preexec_fn=renice)
         procs.append(server)
         wait_http(f"http://127.0.0.1:{gw_port}/healthz", server)

@@ -5,11 +5,13 @@
 Throughput: producer threads submit finished interactions (each with one attempt) to one
 :class:`LedgerWriter` concurrently; the clock runs from the first ``submit`` until ``flush()``
 returns, i.e. until every row, its attempt and its rollup update are committed. rows/s counts
-interactions (each interaction also writes one ``ai_attempts`` row and a ``usage_daily`` upsert).
+interactions (each interaction also writes one ``ai_attempts`` row and its share of the upserts
+of the three daily rollups).
 Records are built before the clock starts: building them is request-path work, not the ledger's.
 
 Report: the ledger is filled with ``--report-rows`` interactions (and as many attempts) spread
-over 30 days and several tenants, with ``usage_daily`` built from those rows in the same load,
+over 30 days and several tenants, with ``usage_daily`` built from those rows in the same load
+(and the narrow ``usage_daily_models`` / ``usage_daily_users`` that the reports read from it),
 then ``tenant_usage`` runs for the busiest tenant over 30 days (group by day, user, feature,
 model), ``--runs`` times each; p50/p99 are reported. On PostgreSQL every report runs as the
 application role under row-level security, exactly like the API.
@@ -182,8 +184,10 @@ def run_throughput(backend: str, pg_url: str, rows: int, producers: int, tenants
             stored = c.scalar("SELECT COUNT(*) FROM ai_interactions")
             attempts = c.scalar("SELECT COUNT(*) FROM ai_attempts")
             rolled = c.scalar("SELECT SUM(requests) FROM usage_daily")
+            narrow = {int(c.scalar(f"SELECT COALESCE(SUM(requests), 0) FROM {t}"))
+                      for t in ("usage_daily_models", "usage_daily_users")}
         expected = rows + len(warm)
-        if not (stored == attempts == int(rolled) == expected):
+        if not (stored == attempts == int(rolled) == expected) or narrow != {expected}:
             raise SystemExit(f"lost rows: {stored} interactions, {attempts} attempts, {rolled} in rollups, {expected} expected")
         srv = None if srv0 is None or srv1 is None else srv1 - srv0
         return Throughput(rows, elapsed, len(writer._lanes), cpu, srv)
@@ -230,6 +234,13 @@ def bulk_load(db: Database, total: int, tenant_ids: list[str], users: int, end_d
             " FROM ai_interactions i LEFT JOIN users u ON u.id = i.user_id"
             f" GROUP BY i.tenant_id, {day}, i.feature, i.model, COALESCE(u.external_id, '')"
         )
+    sums = ("requests, errors, degraded, cancelled, cached_requests, streamed_requests, prompt_tokens,"
+            " completion_tokens, cached_input_tokens, cost_micro_usd, saved_micro_usd, latency_ms_sum")
+    summed = ", ".join(f"SUM({x.strip()})" for x in sums.split(","))
+    with db.system_tx() as c:  # the narrow rollups the reports read, as the writer keeps them
+        for table, key in (("usage_daily_models", "tenant_id, day, feature, model"),
+                           ("usage_daily_users", "tenant_id, day, user_external_id")):
+            c.execute(f"INSERT INTO {table} ({key}, {sums}) SELECT {key}, {summed} FROM usage_daily GROUP BY {key}")
     with db.system_tx() as c:
         c.execute("ANALYZE")
         return int(c.scalar("SELECT COUNT(*) FROM usage_daily"))
@@ -312,6 +323,8 @@ def run_reports(backend: str, pg_url: str, total: int, tenants: int, users: int,
             attempts = int(c.scalar("SELECT COUNT(*) FROM ai_attempts"))
             mine = c.fetchone("SELECT COUNT(*) AS n, SUM(cost_micro_usd) AS cost FROM ai_interactions WHERE tenant_id = ?", (me,))
             my_rollups = int(c.scalar("SELECT COUNT(*) FROM usage_daily WHERE tenant_id = ?", (me,)))
+            my_narrow = [int(c.scalar(f"SELECT COUNT(*) FROM {t} WHERE tenant_id = ?", (me,)))
+                         for t in ("usage_daily_models", "usage_daily_users")]
         check = tenant_usage(db, me, start_day, end_day)["totals"]
         if rows != total or attempts != total or (check["requests"], check["cost_micro_usd"]) != (mine["n"], int(mine["cost"])):
             raise SystemExit(f"bulk load inconsistent: {rows} rows, {attempts} attempts, report {check} vs raw {mine}")
@@ -330,6 +343,7 @@ def run_reports(backend: str, pg_url: str, total: int, tenants: int, users: int,
                 cpu += srv1 - srv0
             out.append(ReportLatency(g, pct(times, 0.5), pct(times, 0.99), len(report["data"]), cpu / runs * 1000))
         info = {"rows": rows, "tenant_rows": int(mine["n"]), "rollup_rows": rollup_rows, "tenant_rollup_rows": my_rollups,
+                "tenant_narrow_rows": my_narrow,
                 "load_s": load_s}
         return out, info
 
@@ -381,7 +395,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(" | ".join(lines[-1]), flush=True)
             print(f"  ledger: {info['rows']:,} interactions (+ as many attempts), {info['tenant_rows']:,} for the "
                   f"reported tenant; usage_daily {info['rollup_rows']:,} rows, {info['tenant_rollup_rows']:,} for "
-                  f"the tenant; bulk load {info['load_s']:.0f} s", flush=True)
+                  f"the tenant; the reports read {info['tenant_narrow_rows'][0]:,} (usage_daily_models) / "
+                  f"{info['tenant_narrow_rows'][1]:,} (usage_daily_users) rows; bulk load {info['load_s']:.0f} s",
+                  flush=True)
     print()
     print("| backend | what | result | notes |")
     print("|---|---|---|---|")

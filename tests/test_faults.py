@@ -320,7 +320,10 @@ def test_degraded_message_without_support_contact(stack_factory, simulator):
 def test_degraded_seam_prefers_a_similar_cached_answer(stack_factory, simulator, monkeypatch):
     """The first degraded step is a similar cached answer (filled by the semantic cache)."""
     stack = make_stack(stack_factory, simulator, tenant={"fallback_overrides": NO_LOCAL})
-    monkeypatch.setattr(stack.gateway, "degraded_from_cache", lambda call: "A cached answer.")
+    async def cached(call):
+        return "A cached answer."
+
+    monkeypatch.setattr(stack.gateway, "degraded_from_cache", cached)
     simulator.script([fault("server_error")] * 4)
     raw = chat(stack)
     assert raw.parse().choices[0].message.content == "A cached answer."

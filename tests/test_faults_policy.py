@@ -141,7 +141,7 @@ def test_deadline_from_settings(tmp_path):
                                breaker_threshold=9, breaker_cooldown_s=4))
     try:
         assert gw.settings_request_deadline == 7.5
-        assert (gw.breakers.threshold, gw.breakers.cooldown, gw.breakers.backend) == (9, 4.0, "memory")
+        assert (gw.breakers.threshold, gw.breakers.cooldown, gw.breakers.backend) == (9, 4.0, "database")
     finally:
         gw.close()
 

@@ -28,6 +28,8 @@ TENANT_TABLES = {
     "ai_interactions": "tenant_id",
     "ai_attempts": "tenant_id",
     "usage_daily": "tenant_id",
+    "usage_daily_models": "tenant_id",
+    "usage_daily_users": "tenant_id",
 }
 WHEN = datetime(2026, 4, 2, 9, 0, tzinfo=timezone.utc)
 
@@ -91,7 +93,8 @@ def test_every_tenant_table_has_row_level_security(db):
 def test_app_role_cannot_bypass_row_level_security(db):
     with db.system_tx(write=False) as c:
         role = c.fetchone("SELECT rolsuper, rolbypassrls, rolcanlogin FROM pg_roles WHERE rolname = ?", (APP_ROLE,))
-    assert role == {"rolsuper": False, "rolbypassrls": False, "rolcanlogin": False}
+    # It logs in itself (tenant work has no owner session underneath to go back to).
+    assert role == {"rolsuper": False, "rolbypassrls": False, "rolcanlogin": True}
     with db.tenant_tx(str(uuid.uuid4())) as c:
         assert c.scalar("SELECT current_user") == APP_ROLE
         assert c.scalar("SELECT rolbypassrls FROM pg_roles WHERE rolname = current_user") is False
@@ -129,6 +132,10 @@ def _foreign_row(table: str, tenant_id: str) -> tuple[str, tuple]:
             " started_at) VALUES (?, ?, ?, 1, 'p', 'm', 'ok', 1, now())", (new, str(uuid.uuid4()), tenant_id)),
         "usage_daily": ("INSERT INTO usage_daily (tenant_id, day, feature, model, requests) VALUES (?, ?, 'f', 'm', 1)",
                         (tenant_id, "2026-04-02")),
+        "usage_daily_models": ("INSERT INTO usage_daily_models (tenant_id, day, feature, model, requests)"
+                               " VALUES (?, ?, 'f', 'm', 1)", (tenant_id, "2026-04-02")),
+        "usage_daily_users": ("INSERT INTO usage_daily_users (tenant_id, day, user_external_id, requests)"
+                              " VALUES (?, ?, 'u', 1)", (tenant_id, "2026-04-02")),
     }[table]
 
 

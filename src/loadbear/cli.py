@@ -56,7 +56,12 @@ def serve(
     """Serve the HTTP API."""
     import uvicorn
 
+    from loadbear.observability import uvicorn_log_config
+
     settings = Settings.load()
+    if workers > 1:
+        typer.secho("note: each worker process keeps its own /metrics counters and a scrape reaches one "
+                    "of them; for exact metrics run one worker per replica.", fg=typer.colors.YELLOW, err=True)
     uvicorn.run(
         "loadbear.api.factory:build_app",
         factory=True,
@@ -65,8 +70,10 @@ def serve(
         workers=workers,
         loop="uvloop" if sys.platform != "win32" else "asyncio",
         http="httptools",
+        # uvicorn's own access log stays off: loadbear's (LOADBEAR_ACCESS_LOG) carries the ids.
         access_log=False,
         log_level=settings.log_level,
+        log_config=uvicorn_log_config(settings.log_level, settings.log_format),
     )
 
 
@@ -101,6 +108,8 @@ def setup_demo(slug: str = "demo", docs: str = DEMO_DOCS) -> None:
             t = gw.tenants.create_tenant(slug, "Demo tenant", {
                 "support_contact": "support@example.com",
                 "knowledge_features": {"helpdesk": {"top_k": 5}},
+                # The demo shows the response cache at work (a repeated question answers from it).
+                "cache_enabled": True,
             })
             folder = Path(docs)
             if folder.is_dir():
@@ -393,23 +402,39 @@ def _fetch_providers(url: str, admin_key: Optional[str]) -> list[dict]:
 
 
 def _local_providers(settings: Settings) -> tuple[list[dict], str]:
+    import os
+
     from loadbear.config.catalog import Catalog
     from loadbear.gateway.breaker import BreakerRegistry, breaker_key
+    from loadbear.storage.db import open_database, sqlite_path
 
     catalog = Catalog.from_settings(settings.models, default_model=settings.default_model)
-    breakers = BreakerRegistry.from_settings(settings)
-    rows = [
-        {"model": m.name, "provider": m.provider, "upstream_model": m.upstream_model, "tier": m.tier,
-         "fallbacks": m.fallbacks, "max_retries": m.max_retries,
-         "timeouts": {"connect": m.timeouts.connect, "first_token": m.timeouts.first_token,
-                      "idle": m.timeouts.idle, "total": m.timeouts.total},
-         **breakers.snapshot(breaker_key(m))}
-        for m in catalog
-    ]
+    db = None
+    if settings.breaker_store in ("auto", "database") and not settings.redis_url and (
+            not settings.is_sqlite or os.path.exists(sqlite_path(settings.database_url))):
+        # The servers' shared breaker state is in the database; never create a SQLite file to look.
+        db = open_database(settings.database_url, settings.pg_app_role, 2,
+                           app_url=getattr(settings, "database_app_url", None))
+    try:
+        breakers = BreakerRegistry.from_settings(settings, db=db)
+        rows = [
+            {"model": m.name, "provider": m.provider, "upstream_model": m.upstream_model, "tier": m.tier,
+             "fallbacks": m.fallbacks, "max_retries": m.max_retries,
+             "timeouts": {"connect": m.timeouts.connect, "first_token": m.timeouts.first_token,
+                          "idle": m.timeouts.idle, "total": m.timeouts.total},
+             **breakers.snapshot(breaker_key(m))}
+            for m in catalog
+        ]
+    finally:
+        if db is not None:
+            db.close()
     if breakers.backend == "redis":
         note = "breaker state from Redis (LOADBEAR_REDIS_URL), shared by every replica"
+    elif breakers.backend == "database":
+        note = ("breaker state from the database, shared by every replica on it; "
+                "error rates and latency are per server process: use --url to see a running server's")
     else:
-        note = ("no LOADBEAR_REDIS_URL: breaker state lives inside each server process; "
+        note = ("breaker state lives inside each server process (no database found, or breaker_store = memory); "
                 "use --url to see a running server's")
     return rows, note
 
@@ -424,7 +449,8 @@ def providers(
     settings = Settings.load()
     if url:
         rows = _fetch_providers(url, admin_key or settings.admin_key)
-        note = f"live from {url}"
+        store = rows[0].get("breaker_store") if rows else None
+        note = f"live from {url}" + (f"; breaker state: {store}" if store else "")
     else:
         rows, note = _local_providers(settings)
     if as_json:

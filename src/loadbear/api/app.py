@@ -17,11 +17,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from loadbear.api.feedback_routes import add_feedback_routes
 from loadbear.api.knowledge_routes import add_knowledge_routes
 from loadbear.api.responses import JSON, SSEResponse, error_response
+from loadbear.dashboard import add_dashboard_routes
 from loadbear.gateway.chat import ChatStream
 from loadbear.gateway.core import Gateway
 from loadbear.gateway.errors import ApiError, invalid
-from loadbear.gateway.validation import body_too_large, check_feature, parse_chat_body, parse_json
+from loadbear.gateway.validation import (
+    body_too_large,
+    check_feature,
+    parse_cache_header,
+    parse_chat_body,
+    parse_json,
+)
 from loadbear.ledger.reports import ReportError, admin_usage, parse_period, tenant_usage
+from loadbear.observability import HttpObserver, add_metrics_route, bind_request
 from loadbear.tenancy.models import AuthContext, TenancyError
 from loadbear.tenancy.service import AuthError
 
@@ -63,12 +71,19 @@ class BodyLimit:
         limit = self.upload_limit if scope["path"].startswith(self.upload_prefix) else self.limit
         request_id = None
         length = None
+        traceparent = tracestate = None
         for k, v in scope["headers"]:
             if k == b"content-length":
                 length = v
             elif k == b"x-request-id":
                 request_id = v.decode("latin-1")[:128]
-        scope.setdefault("state", {})["request_id"] = request_id or _new_request_id()
+            elif k == b"traceparent":
+                traceparent = v.decode("latin-1")[:128]
+            elif k == b"tracestate":
+                tracestate = v.decode("latin-1")[:512]
+        scope.setdefault("state", {})["request_id"] = request_id = request_id or _new_request_id()
+        # Logs and spans made while serving this request carry its id (and the caller's trace).
+        bind_request(request_id, traceparent, tracestate)
         if length is not None:
             try:
                 too_big = int(length) > limit
@@ -274,6 +289,9 @@ def create_app(gateway: Gateway, own_gateway: bool = False) -> FastAPI:
         header_feature = request.headers.get("x-loadbear-feature")
         if header_feature is not None:
             header_feature = check_feature(header_feature, "X-Loadbear-Feature")
+        cache_header = request.headers.get("x-loadbear-cache")
+        if cache_header is not None:
+            body.cache = parse_cache_header(cache_header) and body.cache
         result = await gateway.chat(auth, body, header_feature, request.scope["state"]["request_id"])
         if isinstance(result, ChatStream):
             return SSEResponse(result)
@@ -353,11 +371,15 @@ def create_app(gateway: Gateway, own_gateway: bool = False) -> FastAPI:
         return JSON(admin_usage(gateway.db, start, end, q.get("group_by", "tenant"), q.get("tenant")))
 
     @app.get("/admin/providers", dependencies=[Depends(admin)])
-    async def providers():
+    def providers():
+        # Plain def: FastAPI runs it in its thread pool, because the database breaker store's
+        # snapshot reads the shared state (a blocking read per model).
         return JSON({"object": "list", "data": gateway.provider_health()})
 
     add_knowledge_routes(app, gateway, scope)
     add_feedback_routes(app, gateway, scope)
+    add_metrics_route(app, gateway)
+    add_dashboard_routes(app, gateway)
 
     # The chat route is served by BodyLimit directly (see there); FastAPI keeps it for the schema.
     chat_route = next(r for r in app.router.routes if getattr(r, "endpoint", None) is chat_completions)
@@ -365,4 +387,6 @@ def create_app(gateway: Gateway, own_gateway: bool = False) -> FastAPI:
                        routes={("POST", "/v1/chat/completions"): (chat_completions, chat_route)},
                        handlers=app.exception_handlers,
                        upload_limit=gateway.settings.max_upload_bytes + 64 * 1024)
+    # Outermost: sees every response, including BodyLimit's own 413s and the chat fast path.
+    app.add_middleware(HttpObserver, metrics=gateway.observability.metrics, settings=gateway.settings)
     return app

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-
 from loadbear.api.app import create_app
 from loadbear.config.settings import Settings
 from loadbear.gateway.core import Gateway
+from loadbear.observability import configure_logging
 
 
 def build_app():
     settings = Settings.load()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # JSON lines by default (LOADBEAR_LOG_FORMAT); reuses the handler `loadbear serve` set up.
+    configure_logging(settings.log_level, settings.log_format)
     gateway = Gateway.from_settings(settings)
     gateway.migrate()
     # Load the tokenizer now (1-3 s) rather than on the first request that needs an estimate.

@@ -33,8 +33,11 @@ class Settings:
     # How long an authenticated key stays cached in a replica (revocations made through this
     # replica apply at once; through another replica, within this many seconds).
     auth_cache_seconds: float = 30.0
-    # PostgreSQL role that tenant work runs as (no BYPASSRLS), created by the migrations.
+    # PostgreSQL role that tenant work logs in as (no BYPASSRLS, owns nothing), created by the
+    # migrations. Its login: database_app_url (LOADBEAR_DATABASE_APP_URL, for password auth), else
+    # database_url with the user replaced by this role and no password (trust/peer/cert auth).
     pg_app_role: str = "loadbear_app"
+    database_app_url: str | None = None
     db_pool_size: int = 10
     log_level: str = "info"
     # Knowledge base: the embedding model ("all-MiniLM-L6-v2", offline, or a catalog model
@@ -52,11 +55,31 @@ class Settings:
     breaker_threshold: int = 5
     breaker_cooldown_s: float = 30.0
     breaker_key_prefix: str = "loadbear:breaker:"
+    # Where breaker state lives: "auto" (Redis when redis_url is set, else the database, so
+    # every worker and replica on it shares breakers), "database", "redis" or "memory" (each
+    # process on its own). The database store re-reads its local view at most this often.
+    breaker_store: str = "auto"
+    breaker_refresh_s: float = 0.25
     # Retries of the same model: jittered exponential backoff from the base delay, capped at the
     # max delay; a Retry-After is honoured unless it exceeds retry_after_max_s (then fail over).
     retry_base_delay_s: float = 0.2
     retry_max_delay_s: float = 8.0
     retry_after_max_s: float = 20.0
+    # Process-wide switch for the response cache; each tenant opts in (cache_enabled setting).
+    cache_enabled: bool = True
+    # Observability (see loadbear/observability/). GET /metrics takes metrics_key (a scrape-only
+    # token) or the admin key, or nothing when metrics_public (a private monitoring network);
+    # each of the tenant, model and feature labels keeps its first metrics_label_cap values and
+    # counts the rest as "other". Spans are exported only when otel_exporter is "otlp" (standard
+    # OTEL_EXPORTER_OTLP_* variables) or "console". Logs: "json" or "text"; access_log writes one
+    # line per HTTP response (off by default: ~15 µs of CPU a request, and the ledger already has
+    # one row per chat request with its request id).
+    metrics_key: str | None = None
+    metrics_public: bool = False
+    metrics_label_cap: int = 100
+    otel_exporter: str = "none"
+    log_format: str = "json"
+    access_log: bool = False
     # Raw model catalog entries from the TOML file ([models.NAME] tables).
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Default tenant settings applied to new tenants (a [tenant_defaults] table).

@@ -9,14 +9,18 @@ request) is released; one that vanished with its process expires after ``probe_t
 
 State lives in a :class:`BreakerStore`:
 
-* :class:`MemoryBreakerStore` — in the process (the embedded default: one worker);
+* :class:`MemoryBreakerStore` — in the process (``breaker_store = "memory"``, or library use
+  without a database);
 * :class:`RedisBreakerStore` — shared by every worker and replica that points at the same Redis
   (``LOADBEAR_REDIS_URL``). Each transition is one Lua script, so concurrent replicas agree on
   who gets the half-open probe. If Redis is unreachable the store degrades to in-process state
-  (and says so in the snapshot) rather than failing requests.
+  (and says so in the snapshot) rather than failing requests;
+* :class:`~loadbear.gateway.breaker_db.DatabaseBreakerStore` — shared by every worker and replica
+  on the same database (table ``breaker_state``), with a local view refreshed every 250 ms so
+  the hot path makes no round trip; the default when Redis is not configured.
 
-There is no database-backed store yet: it needs a migration (a ``breakers`` table); the
-:class:`BreakerStore` protocol is the seam for it.
+``BreakerRegistry.from_settings`` picks one from ``breaker_store`` ("auto": Redis when
+``redis_url`` is set, else the database).
 
 Keys are ``"{provider}/{model}"`` (see :func:`breaker_key`). The hot-path calls (``allow``,
 ``record``, ``release``) are async; ``snapshot``/``state``/``total_trips`` are sync (admin pages,
@@ -35,6 +39,7 @@ from typing import Any, Iterable, Protocol
 log = logging.getLogger("loadbear.breaker")
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+STORE_KINDS = ("auto", "memory", "database", "redis")
 HEALTH_WINDOW_S = 300.0
 HEALTH_MAX_CALLS = 200
 
@@ -455,18 +460,33 @@ class BreakerRegistry:
         self.cooldown = cooldown
         self.store: BreakerStore = store or MemoryBreakerStore(threshold, cooldown, probe_timeout)
         # Wall clock for a shared store (replicas must agree on "now"); monotonic in a process.
-        self.clock = clock or (time.time if self.store.name == "redis" else time.monotonic)
+        shared = self.store.name in ("redis", "database")
+        self.clock = clock or (time.time if shared else time.monotonic)
 
     @classmethod
-    def from_settings(cls, settings: Any, probe_timeout: float | None = None) -> "BreakerRegistry":
+    def from_settings(cls, settings: Any, probe_timeout: float | None = None, db: Any = None) -> "BreakerRegistry":
+        """The store named by ``breaker_store``: "auto" is Redis when ``redis_url`` is set, else
+        the database ``db`` (in-process state when no database is given, e.g. library use)."""
         threshold = int(getattr(settings, "breaker_threshold", 5))
         cooldown = float(getattr(settings, "breaker_cooldown_s", 30.0))
         probe = float(probe_timeout if probe_timeout is not None else getattr(settings, "request_deadline_s", 60.0))
         url = getattr(settings, "redis_url", None)
+        kind = (getattr(settings, "breaker_store", "auto") or "auto").strip().lower()
+        if kind not in STORE_KINDS:
+            raise ValueError(f"breaker_store = {kind!r}: expected one of {', '.join(STORE_KINDS)}")
         store: BreakerStore | None = None
-        if url:
+        if kind == "redis" or (kind == "auto" and url):
+            if not url:
+                raise ValueError("breaker_store = 'redis' needs redis_url (LOADBEAR_REDIS_URL)")
             store = RedisBreakerStore(url, threshold, cooldown, probe,
                                       prefix=getattr(settings, "breaker_key_prefix", "loadbear:breaker:"))
+        elif kind == "database" or (kind == "auto" and db is not None):
+            if db is None:
+                raise ValueError("breaker_store = 'database' needs a database")
+            from loadbear.gateway.breaker_db import DatabaseBreakerStore
+
+            store = DatabaseBreakerStore(db, threshold, cooldown, probe,
+                                         refresh_s=float(getattr(settings, "breaker_refresh_s", 0.25)))
         return cls(threshold, cooldown, store=store, probe_timeout=probe)
 
     @property

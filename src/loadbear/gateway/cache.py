@@ -1,6 +1,10 @@
-"""The tenant-scoped response cache: an exact cache and a semantic cache, looked up before routing.
+"""The tenant-scoped response cache: an exact cache and a semantic cache, looked up before the model call.
 
-    cache = ResponseCache(db, lambda: get_embedder(settings.embedding_model, catalog))
+Wired into the request path by ``ChatCall.lookup_cache`` / ``serve_cached`` / ``_store_in_cache``
+(gateway/chat.py) and ``Gateway.cache`` / ``degraded_from_cache`` / ``knowledge_changed``; the
+library on its own:
+
+    cache = ResponseCache(db)               # all-MiniLM-L6-v2 (the threshold is calibrated for it)
     scope = cache.key_for(tenant_id, feature, messages, tier, grounding_doc_versions)
     hit = await cache.lookup(scope, threshold=policy.threshold)      # exact, then semantic
     ...                                                              # on a miss: call the model
@@ -14,17 +18,19 @@ message (roles and contents), whether the answer is grounded, and any extra para
 caller folds in (``max_tokens``, ``stop``, the knowledge request, an end user for per-user
 features). Within a scope the key is the last user message.
 
-Exact: the normalised last user message (:func:`~loadbear.gateway.cache_text.normalize_exact`)
-under a unique index, one indexed read.
+Exact: the normalised last user message (:func:`~loadbear.gateway.cache_text.normalize_exact`),
+hashed with the scope, under a unique index.
 
 Semantic, only after an exact miss: candidates come from word-set neighbourhood keys (an indexed
 ``IN`` on ``cache_keys``, see :mod:`loadbear.gateway.cache_text`), never from a scan, so a lookup
-costs the same with 100k entries in the scope. Candidates then pass three gates, cheapest first:
+costs the same with 100k entries in the scope. The exact read and the candidate read are one SQL
+statement (the candidates are not read when the exact entry exists): one round trip to
+PostgreSQL inside ``tenant_tx``. Candidates then pass three gates, cheapest first:
 the look-alike guard (entities, numbers, negations, contrast words must agree), a static
 bag-of-word-pieces embedding (~50 µs) that drops candidates far from the question, and only then
 the real embedding (all-MiniLM-L6-v2 by default): cosine ≥ the tenant's threshold (0.95 by
 default). The query's MiniLM embedding is therefore computed only when a plausible candidate
-exists; a lookup that finds none costs two indexed reads and some string work.
+exists; a lookup that finds none costs one statement of indexed reads and some string work.
 
 Grounded answers record ``(document_id, version)`` of their sources (``cache_entry_documents``).
 ``invalidate_documents`` / ``invalidate_stale`` (from ``Gateway.knowledge_changed``) delete the
@@ -33,10 +39,12 @@ entries of changed or deleted documents, and every hit is verified again against
 invalidation can cost a hit, never serve a stale grounded answer.
 
 Writes (embedding the question, inserting the entry, its keys and documents) happen on one
-background thread, batched; ``store`` only enqueues. Hits are counted the same way.
+background thread, batched; ``store`` only enqueues. Hits are counted the same way, and the same
+thread deletes expired entries every ``purge_interval_s``. A failing lookup or store is logged and
+counted (``counters["errors"]``) and never fails the request: the cache is then a miss.
 
 Isolation: every statement filters on the tenant and runs in ``db.tenant_tx(tenant)``, so on
-PostgreSQL row-level security (``0008_cache``) holds under the SQL; the scope hash includes the
+PostgreSQL row-level security (``0008_cache``, keys revised by ``0010_cache_exact_key``) holds under the SQL; the scope hash includes the
 tenant as well, so even the keys of two tenants never coincide.
 """
 
@@ -50,7 +58,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -109,7 +117,7 @@ class CacheSettings:
     """Process-wide knobs (the defaults are what the benchmark measured)."""
 
     # Candidates whose static (bag-of-word-pieces) cosine with the question is below this are
-    # dropped before the question is embedded with the real model.
+    # dropped before the question is embedded with the real model (-1 turns the gate off).
     static_gate: float = 0.80
     # At most this many neighbourhood candidates are compared per lookup (most shared keys first),
     # read from at most probe_rows rows of the precise keys and subst_rows of the substitution keys.
@@ -351,10 +359,16 @@ class ResponseCache:
         threshold = self.settings.default_threshold if threshold is None else float(threshold)
         now = now or utcnow()
         t = self._t(now)
+        semantic = semantic and bool(scope.probe_keys)
         with self.db.tenant_tx(scope.tenant_id, write=False) as c:
-            row = c.fetchone(
-                f"SELECT {_HIT_COLUMNS} FROM cache_entries WHERE tenant_id = ? AND scope_hash = ? AND exact_hash = ?"
-                " AND expires_at > ?", (scope.tenant_id, scope.scope_hash, scope.exact_hash, t))
+            if semantic:  # one statement: the exact entry, else the neighbourhood candidates
+                rows = self._candidates(c, scope, t, with_exact=True)
+                row = next((r for r in rows if r["exact"]), None)
+                cands = [r for r in rows if not r["exact"]]
+            else:
+                row = c.fetchone(f"SELECT {_HIT_COLUMNS} FROM cache_entries WHERE tenant_id = ? AND exact_hash = ?"
+                                 " AND expires_at > ?", (scope.tenant_id, scope.exact_hash, t))
+                cands = []
             if row is not None:
                 if not row["grounded"] or self._docs_valid(c, scope, str(row["id"])):
                     self.counters["exact"] += 1
@@ -362,9 +376,10 @@ class ResponseCache:
                     self._note_hit(scope.tenant_id, hit.entry_id, now)
                     return hit
                 self.counters["stale_rejects"] += 1
-            if not semantic or not scope.probe_keys:
-                return None
-            cands = self._candidates(c, scope, t)
+                if semantic:  # a stale exact entry: look at the neighbours after all
+                    cands = self._candidates(c, scope, t)
+        if not semantic:
+            return None
         return self._semantic(scope, query, cands, threshold, query_vector, now, degraded=False)
 
     def lookup_degraded_sync(self, scope: CacheScope, query_text: str | None = None,
@@ -377,8 +392,8 @@ class ResponseCache:
         t = self._t(now)
         with self.db.tenant_tx(scope.tenant_id, write=False) as c:
             row = c.fetchone(
-                f"SELECT {_HIT_COLUMNS} FROM cache_entries WHERE tenant_id = ? AND scope_hash = ? AND exact_hash = ?"
-                " AND expires_at > ?", (scope.tenant_id, scope.scope_hash, scope.exact_hash, t))
+                f"SELECT {_HIT_COLUMNS} FROM cache_entries WHERE tenant_id = ? AND exact_hash = ? AND expires_at > ?",
+                (scope.tenant_id, scope.exact_hash, t))
             if row is not None and (not row["grounded"] or self._docs_valid(c, scope, str(row["id"]))):
                 hit = _hit(row, "exact", 1.0, degraded=True)
                 self._note_hit(scope.tenant_id, hit.entry_id, now)
@@ -387,14 +402,17 @@ class ResponseCache:
             seen = {r["id"] for r in cands}
             recent = c.fetchall(
                 f"SELECT {_CAND_PLAIN}, 0 AS n FROM cache_entries"
-                " WHERE tenant_id = ? AND scope_hash = ? AND expires_at > ? ORDER BY created_at DESC LIMIT ?",
-                (scope.tenant_id, scope.scope_hash, t, int(self.settings.degraded_scan)))
+                " WHERE scope_hash = ? AND tenant_id = ? AND expires_at > ? ORDER BY created_at DESC LIMIT ?",
+                (scope.scope_hash, scope.tenant_id, t, int(self.settings.degraded_scan)))
             cands += [r for r in recent if r["id"] not in seen]
         return self._semantic(scope, query, cands, threshold, None, now, degraded=True, gate=False)
 
-    def _candidates(self, c: Conn, scope: CacheScope, t: Any) -> list[dict[str, Any]]:
+    def _candidates(self, c: Conn, scope: CacheScope, t: Any, with_exact: bool = False) -> list[dict[str, Any]]:
         """The entries sharing most neighbourhood keys with the question: an index-only aggregation
-        over a bounded number of key rows, then at most ``max_candidates`` entry rows."""
+        over a bounded number of key rows, then at most ``max_candidates`` entry rows.
+
+        ``with_exact``: the same statement first reads the exact entry (``exact`` = 1) and returns it
+        alone when there is one, so a lookup is one round trip to PostgreSQL either way."""
         st = self.settings
         if c.dialect == "postgres":
             in_keys = "key = ANY(?::bigint[])"
@@ -402,19 +420,31 @@ class ResponseCache:
         else:
             in_keys = "key IN (SELECT value FROM json_each(?))"
             probe, subst = dumps(list(scope.probe_keys)), dumps(list(scope.subst_keys))
-        return c.fetchall(
-            "WITH m AS ("
+        # exact_hash and the keys already include the scope: the scope is checked on the few rows
+        # returned, not in SQL, so that no plan can prefer a scan of the scope's index.
+        exact_cte = exact_sql = ""
+        exact_params: tuple[Any, ...] = ()
+        if with_exact:
+            exact_cte = (f"x AS MATERIALIZED (SELECT {_CAND_PLAIN} FROM cache_entries"
+                         " WHERE tenant_id = ? AND exact_hash = ? AND expires_at > ?), ")
+            exact_params = (scope.tenant_id, scope.exact_hash, t)
+            exact_sql = f"SELECT 1 AS exact, {_CAND_PLAIN}, 0 AS n FROM x UNION ALL "
+        rows = c.fetchall(
+            f"WITH {exact_cte}m AS ("
             f" SELECT p.entry_id, 2 AS w FROM (SELECT entry_id FROM cache_keys WHERE tenant_id = ? AND {in_keys}"
             " LIMIT ?) p"
             " UNION ALL"
             f" SELECT s.entry_id, 1 AS w FROM (SELECT entry_id FROM cache_keys WHERE tenant_id = ? AND {in_keys}"
             " LIMIT ?) s),"
             " top AS (SELECT entry_id, SUM(w) AS n FROM m GROUP BY entry_id ORDER BY n DESC LIMIT ?)"
-            f" SELECT {_CAND_COLUMNS}, top.n FROM top"
+            f" {exact_sql}SELECT * FROM (SELECT 0 AS exact, {_CAND_COLUMNS}, top.n FROM top"
             " JOIN cache_entries e ON e.id = top.entry_id"
-            " WHERE e.tenant_id = ? AND e.scope_hash = ? AND e.expires_at > ? ORDER BY top.n DESC, e.created_at DESC",
-            (scope.tenant_id, probe, int(st.probe_rows), scope.tenant_id, subst, int(st.subst_rows),
-             int(st.max_candidates), scope.tenant_id, scope.scope_hash, t))
+            " WHERE e.tenant_id = ? AND e.expires_at > ?"
+            + (" AND NOT EXISTS (SELECT 1 FROM x)" if with_exact else "")
+            + " ORDER BY top.n DESC, e.created_at DESC) c",
+            (*exact_params, scope.tenant_id, probe, int(st.probe_rows), scope.tenant_id, subst, int(st.subst_rows),
+             int(st.max_candidates), scope.tenant_id, t))
+        return [r for r in rows if r["scope_hash"] == scope.scope_hash]
 
     def _semantic(self, scope: CacheScope, query: str, cands: list[dict[str, Any]], threshold: float,
                   query_vector: Any, now: datetime, *, degraded: bool, gate: bool = True) -> CacheHit | None:
@@ -431,7 +461,7 @@ class ResponseCache:
             return None
         # 2. the static gate (~50 µs a text) before paying for the real embedding
         st = self.static if gate else None
-        if st is not None and self.settings.static_gate > -1:
+        if st is not None and self.settings.static_gate > -1.0:
             vecs = st.embed_cached([query] + [r["query_text"] for r in kept])
             sims = vecs[1:] @ vecs[0]
             before = len(kept)
@@ -444,11 +474,14 @@ class ResponseCache:
         kept = [r for r in kept if r["embedding"] is not None and r["embedding_model"] == name]
         if not kept:
             return None
-        qv = query_vector if query_vector is not None else scope.query_vector
+        qv = query_vector
+        if qv is None and query == scope.query_text:
+            qv = scope.query_vector
         if qv is None:
             qv = self.embed_query(query)
         qv = np.asarray(qv, dtype=np.float32).reshape(-1)
-        scope.query_vector, scope.embedding_model = qv, name
+        if query == scope.query_text:
+            scope.query_vector, scope.embedding_model = qv, name
         rows = [np.frombuffer(bytes(r["embedding"]), dtype="<f4") for r in kept]
         ok = [(r, v) for r, v in zip(kept, rows) if v.shape == qv.shape]
         if not ok:
@@ -677,7 +710,7 @@ class ResponseCache:
         deletes, entries, keys, docs = [], [], [], []
         for s in latest.values():
             sc = s.scope
-            deletes.append((sc.tenant_id, sc.scope_hash, sc.exact_hash))
+            deletes.append((sc.tenant_id, sc.exact_hash))
             entry_id = uuid7()
             blob = None if s.vector is None else np.ascontiguousarray(s.vector, dtype="<f4").tobytes()
             entries.append((entry_id, sc.tenant_id, sc.scope_hash, sc.exact_hash, sc.feature, sc.tier, s.query,
@@ -690,7 +723,7 @@ class ResponseCache:
                 keys += [(sc.tenant_id, k, entry_id) for k in dict.fromkeys(ks)]
             if sc.grounded and s.versions:
                 docs += [(entry_id, sc.tenant_id, d, int(v)) for d, v in s.versions.items()]
-        c.executemany("DELETE FROM cache_entries WHERE tenant_id = ? AND scope_hash = ? AND exact_hash = ?", deletes)
+        c.executemany("DELETE FROM cache_entries WHERE tenant_id = ? AND exact_hash = ?", deletes)
         c.executemany(
             "INSERT INTO cache_entries (id, tenant_id, scope_hash, exact_hash, feature, tier, query_text, answer_text,"
             " model, prompt_tokens, completion_tokens, cost_micro_usd, citations, grounded, embedding_model, embedding,"
@@ -773,7 +806,7 @@ class ResponseCache:
 _HIT_COLUMNS = ("id, answer_text, model, cost_micro_usd, prompt_tokens, completion_tokens, citations, query_text,"
                 " created_at, grounded")
 # Candidates carry what a hit needs: a semantic hit on an ungrounded entry is served without a second read.
-_CAND_PLAIN = _HIT_COLUMNS + ", embedding_model, embedding"
+_CAND_PLAIN = _HIT_COLUMNS + ", scope_hash, embedding_model, embedding"
 _CAND_COLUMNS = ", ".join(f"e.{c.strip()}" for c in _CAND_PLAIN.split(","))
 
 

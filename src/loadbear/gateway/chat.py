@@ -23,6 +23,7 @@ from loadbear.gateway.executor import (
     continuation_request,
 )
 from loadbear.gateway.budget import Reservation, prompt_tokens
+from loadbear.gateway.cache import CacheHit, CacheScope, doc_versions_from_citations, should_store, stream_pieces
 from loadbear.gateway.grounding import Grounding, parse_knowledge
 from loadbear.gateway.ratelimit import Permit
 from loadbear.gateway.router import RouteDecision, model_allowed
@@ -70,6 +71,13 @@ class ChatCall:
     route: RouteDecision | None = None
     reservation: Reservation | None = None
     permit: Permit | None = None
+    # Response cache: the request's scope (None when the cache is not in play), what the lookup
+    # found, and the X-Loadbear-Cache value ("hit-exact", "hit-semantic", "miss", "bypass").
+    cache_scope: CacheScope | None = None
+    cache_hit: CacheHit | None = None
+    cache_status: str | None = None
+    # Wall-clock (start_ns, end_ns) of retrieval and the cache lookup, for the trace spans.
+    phases: dict[str, tuple[int, int]] | None = None
     _recorded: bool = False
     _request: ChatRequest | None = None
     _knowledge: Any = None
@@ -97,19 +105,35 @@ class ChatCall:
 
     async def admit(self) -> None:
         """Rate limits, then the budget (which may downgrade the chain); ApiError 429 / 402."""
-        gw, tenant = self.gateway, self.auth.tenant
-        s = tenant.settings
-        if not (s.rpm_limit or s.tpm_limit or s.monthly_budget_usd is not None):
-            return
+        await self.admit_limits()
+        await self.admit_budget()
+
+    def _estimated_prompt_tokens(self) -> int:
         tokens = prompt_tokens(self.body.messages)
         if self._knowledge is not None:  # retrieved sources join the prompt later
-            tokens += self._knowledge.top_k * gw.settings.chunk_tokens
-        self.permit = await gw.limits.check(tenant, tokens, self.body.max_tokens)
+            tokens += self._knowledge.top_k * self.gateway.settings.chunk_tokens
+        return tokens
+
+    async def admit_limits(self) -> None:
+        """Requests and tokens per minute (ApiError 429). A cache hit counts as a request too."""
+        tenant = self.auth.tenant
+        s = tenant.settings
+        if not (s.rpm_limit or s.tpm_limit):
+            return
+        self.permit = await self.gateway.limits.check(tenant, self._estimated_prompt_tokens(), self.body.max_tokens)
+
+    async def admit_budget(self) -> None:
+        """Reserve the worst case of the model call (may downgrade the chain; ApiError 402).
+        Runs after the cache lookup: a hit reserves nothing and is served even at the hard limit."""
+        gw, tenant = self.gateway, self.auth.tenant
+        s = tenant.settings
+        if s.monthly_budget_usd is None:
+            return
         try:
-            adm = await gw.budget.admit(tenant, self.chain, tokens, self.body.max_tokens,
+            adm = await gw.budget.admit(tenant, self.chain, self._estimated_prompt_tokens(), self.body.max_tokens,
                                         downgrade=lambda: gw.router.downgrade_chain(gw.catalog, s, self.chain))
         except ApiError:
-            gw.limits.adjust_nowait(self.permit, 0)
+            self.release()
             raise
         self.reservation = adm.reservation
         if adm.downgraded:
@@ -117,9 +141,11 @@ class ChatCall:
             self.route_reason = f"{self.route_reason}; {adm.note}" if self.route_reason else adm.note
 
     def release(self) -> None:
-        """The request ends before any model call and without a ledger row: hand back what admit() took."""
+        """The request ends before any model call and without a ledger row: hand back what admit() took.
+        Idempotent."""
         self.gateway.budget.settle_nowait(self.reservation, 0)
         self.gateway.limits.adjust_nowait(self.permit, 0)
+        self.reservation = self.permit = None
 
     async def retrieve(self) -> None:
         """Ground the request in the tenant's knowledge base when asked to (or by feature default)."""
@@ -132,12 +158,21 @@ class ChatCall:
             return
         from loadbear.knowledge.types import KnowledgeError
 
+        t0 = time.time_ns()
         try:
             chunks = await asyncio.to_thread(self.gateway.knowledge.query, self.auth.tenant_id, question[:4000],
                                              kr.top_k, kr.filters)
         except KnowledgeError as exc:
             raise ApiError(exc.status, exc.message, code=exc.code, param=f"knowledge.{exc.param}" if exc.param else "knowledge") from None
+        self.phase("retrieval", t0)
         self.grounding = Grounding(chunks)
+
+    def phase(self, name: str, start_ns: int) -> None:
+        """Note that a phase (retrieval, cache lookup) ran from ``start_ns`` until now: wall-clock
+        nanoseconds, from which the trace spans are built after the request."""
+        if self.phases is None:
+            self.phases = {}
+        self.phases[name] = (start_ns, time.time_ns())
 
     def chat_request(self) -> ChatRequest:
         if self._request is None:
@@ -147,6 +182,95 @@ class ChatCall:
                 messages=g.messages(b.messages) if g else b.messages, temperature=b.temperature, top_p=b.top_p,
                 max_tokens=b.max_tokens, stop=b.stop, user=b.user, context=g.context() if g else None)
         return self._request
+
+    # -- the response cache -------------------------------------------------------------
+
+    def cache_tier(self) -> str:
+        """The scope's model part. ``auto``: the tier the router picked, fixed before any budget
+        downgrade, so a hit is found whichever chain the budget would pick; an explicit model:
+        that model (a client that names gpt-4o never gets another model's cached answer)."""
+        if self.route is not None:
+            return "tier:" + (self.route.tier or self.route.model)
+        return "model:" + self.body.model
+
+    def _cache_extra(self) -> dict[str, Any]:
+        b, k = self.body, self._knowledge
+        extra: dict[str, Any] = {}
+        if b.max_tokens is not None:
+            extra["max_tokens"] = b.max_tokens
+        if b.stop:
+            extra["stop"] = b.stop
+        if k is not None:
+            extra["knowledge"] = [k.top_k, k.filters]
+        return extra
+
+    async def lookup_cache(self) -> CacheHit | None:
+        """Exact, then semantic, in the request's scope; None on a miss or when the cache is not
+        in play (tenant setting, ``"cache": false``, a request that cannot be cached)."""
+        gw = self.gateway
+        policy = gw.cache_policy(self.auth.tenant)
+        if policy is None:
+            return None
+        if not self.body.cache:
+            self.cache_status = "bypass"
+            return None
+        versions = doc_versions_from_citations(self.grounding.citations()) if self.grounding is not None else None
+        scope = gw.cache.key_for(self.auth.tenant_id, self.feature, self.body.messages, self.cache_tier(), versions,
+                                 extra=self._cache_extra())
+        if not scope.cacheable:
+            self.cache_status = "bypass"
+            return None
+        self.cache_scope = scope
+        t0 = time.time_ns()
+        hit = await gw.cache.lookup(scope, threshold=policy.threshold, semantic=policy.semantic)
+        self.phase("cache", t0)
+        self.cache_status = "miss" if hit is None else f"hit-{hit.kind}"
+        self.cache_hit = hit
+        return hit
+
+    def serve_cached(self, hit: CacheHit) -> "ChatResult | ChatStream":
+        """Answer from the cache exactly like a model answer: a JSON completion or an SSE stream."""
+        self.cache_hit = hit
+        self.state.finish_reason = "stop"
+        self.ttft = time.monotonic()
+        if self.body.stream:
+            return ChatStream.from_cache(self, hit.text)
+        self.state.text_parts = [hit.text]
+        self.finish("ok")
+        return ChatResult(self.completion_body(hit.text, "stop", Usage()), self.headers())
+
+    def _store_in_cache(self, text: str) -> None:
+        """Queue an ok answer for the cache (the writer thread embeds and inserts it)."""
+        scope, st = self.cache_scope, self.state
+        if scope is None or st.served is None or not should_store(
+                "ok", finish_reason=st.finish_reason, text=text, cached=self.cache_hit is not None,
+                continued=bool(self.continuations), bypass=not self.body.cache):
+            return
+        # Only an answer of the scope's own model or tier: not a failover's or a budget
+        # downgrade's, which would otherwise be served to requests that did not need them.
+        if self.route is not None:
+            if st.served.tier != self.route.tier and st.served.name != self.route.model:
+                return
+        elif st.served.name != self.body.model:
+            return
+        ok = next((a for a in reversed(st.attempts) if a.status == "ok"), None)
+        if ok is None:
+            return
+        citations = self.grounding.citations() if self.grounding is not None else None
+        policy = self.gateway.cache_policy(self.auth.tenant)
+        self.gateway.cache.store(
+            scope, answer_text=text, model=st.served.name, usage_tokens=(ok.prompt_tokens, ok.completion_tokens),
+            cost_micro_usd=ok.cost_micro_usd, citations=citations,
+            doc_versions=doc_versions_from_citations(citations) if citations is not None else None,
+            ttl_s=policy.ttl_s if policy is not None else None)
+
+    def cache_saved_micro_usd(self, hit: CacheHit) -> int:
+        """What the replaced call would cost today: the entry's tokens at its model's catalog
+        price (the entry's own recorded cost if the model left the catalog)."""
+        m = self.gateway.catalog.get(hit.model)
+        if m is None:
+            return hit.cost_micro_usd
+        return m.cost_micro_usd(Usage(prompt_tokens=hit.prompt_tokens, completion_tokens=hit.completion_tokens))
 
     @property
     def deadline(self) -> float:
@@ -164,6 +288,8 @@ class ChatCall:
 
     @property
     def served_name(self) -> str:
+        if self.cache_hit is not None and self.state.served is None:
+            return self.cache_hit.model
         return self.state.served.name if self.state.served else (self.chain[0].name if self.chain else self.body.model)
 
     # -- non-streaming ------------------------------------------------------------------
@@ -177,7 +303,7 @@ class ChatCall:
             self.finish("error")
             raise _client_fault_error(cf.error) from None
         except ChainExhausted as ex:
-            text = self.degraded_text(ex)
+            text = await self.degraded_text(ex)
             self.state.text_parts = [text]
             self.state.finish_reason = "stop"
             self.finish("degraded")
@@ -211,34 +337,51 @@ class ChatCall:
 
     # -- shared -------------------------------------------------------------------------
 
-    def degraded_text(self, ex: ChainExhausted) -> str:
+    async def degraded_text(self, ex: ChainExhausted) -> str:
         self.error = ex.last
         self.degraded_reason = ex.last.kind.value if ex.last else "all_models_unavailable"
-        # Seam for the cost-control issue: a similar cached answer is the first degraded step.
-        cached = self.gateway.degraded_from_cache(self)
+        # The first degraded step: a similar cached answer (looser threshold), then the honest message.
+        cached = await self.gateway.degraded_from_cache(self)
+        if isinstance(cached, CacheHit):
+            self.cache_hit = cached
+            self.cache_status = f"hit-{cached.kind}"
+            return cached.text
         if cached is not None:
             return cached
         return self.auth.tenant.settings.degraded_message()
 
     def meta(self) -> dict[str, Any]:
         st = self.state
+        hit = self.cache_hit
         return {
             "interaction_id": self.id,
             "requested_model": self.body.model,
-            "served_model": st.served.name if st.served else None,
+            "served_model": st.served.name if st.served else (hit.model if hit is not None else None),
             "degraded": self.status == "degraded",
-            "cached": False,
+            "cached": hit is not None,
+            **({"cache": self.cache_status} if self.cache_status is not None else {}),
+            **({"cache_entry_id": hit.entry_id, "cache_similarity": hit.similarity} if hit is not None else {}),
             "attempts": len(st.attempts),
             **({"continued": len(self.continuations)} if self.continuations else {}),
-            **({"citations": self.grounding.citations()} if self.grounding is not None else {}),
+            **({"citations": self.citations()} if self.grounding is not None else {}),
         }
+
+    def citations(self) -> list[dict[str, Any]]:
+        # A cached answer cites by the numbers of the sources it was made from, not today's ranking.
+        if self.cache_hit is not None and self.cache_hit.citations is not None:
+            return self.cache_hit.citations
+        return self.grounding.citations() if self.grounding is not None else []
 
     def headers(self, degraded: bool = False) -> dict[str, str]:
         h = {"x-loadbear-interaction-id": self.id}
         if self.state.served:
             h["x-loadbear-model"] = self.state.served.name
+        elif self.cache_hit is not None:
+            h["x-loadbear-model"] = self.cache_hit.model
         if degraded:
             h["x-loadbear-degraded"] = "true"
+        if self.cache_status is not None:
+            h["x-loadbear-cache"] = self.cache_status
         return h
 
     def total_usage(self) -> Usage:
@@ -265,9 +408,14 @@ class ChatCall:
         gw = self.gateway
         cost = sum(a.cost_micro_usd for a in st.attempts)
         saved = 0
-        if self.route is not None and status == "ok" and st.served is not None:
+        hit = self.cache_hit
+        if hit is not None and status == "ok":
+            saved = self.cache_saved_micro_usd(hit)
+        elif self.route is not None and status == "ok" and st.served is not None:
             saved = gw.router.savings_micro_usd(gw.catalog, settings, st.served, u.prompt_tokens,
                                                 u.completion_tokens, u.cached_tokens, actual_cost_micro_usd=cost)
+        if status == "ok" and hit is None and self.cache_scope is not None:
+            self._store_in_cache(text)
         gw.budget.settle_nowait(self.reservation, cost)
         gw.limits.adjust_nowait(self.permit, u.prompt_tokens + u.completion_tokens)
         rec = InteractionRecord(
@@ -277,6 +425,10 @@ class ChatCall:
             requested_model=self.body.model,
             model=self.served_name,
             status=status,
+            cached=hit is not None,
+            cache_kind=hit.kind if hit is not None else None,
+            cache_similarity=hit.similarity if hit is not None else None,
+            cache_entry_id=hit.entry_id if hit is not None else None,
             created_at=self.created_at,
             latency_ms=int((time.monotonic() - self.started) * 1000),
             prompt_tokens=u.prompt_tokens,
@@ -304,6 +456,8 @@ class ChatCall:
                       **({"route": self.route.ledger_metadata()} if self.route is not None else {}),
                       **({"continuations": self.continuations} if self.continuations else {})},
             attempts=st.attempts,
+            tenant_slug=self.auth.tenant.slug,
+            phases=self.phases,
         )
         self.gateway.record(rec)
 
@@ -317,7 +471,16 @@ class ChatStream:
         self._upstream: AsyncIterator[StreamDelta] | None = None
         self._first: StreamDelta | None = None
         self._degraded: str | None = None
+        self._cached: str | None = None
         self.headers: dict[str, str] = {}
+
+    @classmethod
+    def from_cache(cls, call: ChatCall, text: str) -> "ChatStream":
+        """A cache hit as a stream: the answer in pieces of a few words, like a model's deltas."""
+        stream = cls(call)
+        stream._cached = text
+        stream.headers = call.headers()
+        return stream
 
     async def start(self) -> None:
         c = self.call
@@ -332,7 +495,7 @@ class ChatStream:
             c.finish("error")
             raise _client_fault_error(cf.error) from None
         except ChainExhausted as ex:
-            self._degraded = c.degraded_text(ex)
+            self._degraded = await c.degraded_text(ex)
         except asyncio.CancelledError:
             c.finish("cancelled")
             raise
@@ -353,6 +516,19 @@ class ChatStream:
         status = "cancelled"
         try:
             yield self._chunk({"role": "assistant", "content": ""})
+            if self._cached is not None:
+                c.state.text_parts = [self._cached]
+                for piece in stream_pieces(self._cached):
+                    yield self._chunk({"content": piece})
+                yield self._chunk({}, "stop", {"loadbear": c.meta()})
+                if c.body.include_usage:
+                    yield self._usage_chunk(Usage())
+                if c.grounding is not None:
+                    yield self._citations_chunk()
+                status = "ok"
+                c.finish(status)
+                yield DONE
+                return
             if self._degraded is not None:
                 c.state.text_parts = [self._degraded]
                 c.state.finish_reason = "stop"
@@ -442,7 +618,7 @@ class ChatStream:
         chunk = {
             "id": self.call.id, "object": "chat.completion.chunk", "created": self.created,
             "model": self.call.served_name, "choices": [],
-            "loadbear": {"citations": self.call.grounding.citations()},
+            "loadbear": {"citations": self.call.citations()},
         }
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 

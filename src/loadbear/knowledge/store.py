@@ -382,6 +382,10 @@ class KnowledgeStore:
     def _ids_param(self, ids: list[str]) -> Any:
         raise NotImplementedError
 
+    def _tenant_eq(self, column: str) -> str:
+        """The tenant filter of a lookup by id (SQLite must not pick the tenant index for it)."""
+        return f"{column} = ?"
+
     def get_chunks(self, tenant_id: str, ids: Iterable[str]) -> list[StoredChunk]:
         """The tenant's chunks with these ids, in the order given (unknown or foreign ids are skipped)."""
         wanted = [u for u in (_uuid_or_none(i) for i in ids) if u is not None]
@@ -390,7 +394,7 @@ class KnowledgeStore:
         with self.db.tenant_tx(str(tenant_id), write=False) as c:
             rows = c.fetchall(
                 f"SELECT {self._CHUNK_COLUMNS} FROM chunks c JOIN documents d ON d.id = c.document_id"
-                f" WHERE c.tenant_id = ? AND d.tenant_id = ? AND {self._ids_param_sql()}",
+                f" WHERE {self._tenant_eq('c.tenant_id')} AND {self._tenant_eq('d.tenant_id')} AND {self._ids_param_sql()}",
                 (str(tenant_id), str(tenant_id), self._ids_param(wanted)),
             )
         by_id = {str(r["id"]): self._chunk(r) for r in rows}

@@ -66,6 +66,11 @@ class InteractionRecord:
     response_text: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     attempts: list[AttemptRecord] = field(default_factory=list)
+    # For metrics and traces only (not stored): the tenant's slug as a readable label, and
+    # wall-clock (start_ns, end_ns) of request phases such as "retrieval" and "cache", so that
+    # spans can be built after the fact at no cost to the request itself.
+    tenant_slug: str | None = None
+    phases: dict[str, tuple[int, int]] | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

@@ -15,11 +15,12 @@ The hot path (numbers in docs/benchmarks.md, "Ledger"): rows are built once as t
 times as UTC text and rollups summed in Python, then
 
 * SQLite: multi-row ``INSERT ... VALUES (...), (...)`` statements, a few hundred rows each, for
-  end users, interactions, attempts and the rollup upserts;
+  end users, interactions, attempts and the upserts of the three rollups (``usage_daily`` and
+  the narrow ``usage_daily_models`` / ``usage_daily_users`` that reports read);
 * PostgreSQL: per tenant, because of row-level security (the writer runs as the application
   role with the tenant set, like any tenant work), ONE statement whose parameters are the rows
   as JSON arrays (orjson on our side, ``jsonb_array_elements`` on the server) inserting end
-  users, interactions, attempts and upserting rollups. A batch's statements go out in one
+  users, interactions, attempts and upserting the three rollups. A batch's statements go out in one
   pipeline (one network round trip), and two writer lanes let the server work on two batches
   at once, each lane serving its own tenants (so they never wait for each other's row locks).
 """
@@ -27,6 +28,7 @@ times as UTC text and rollups summed in Python, then
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import random
@@ -73,10 +75,20 @@ _ROLLUP_SUMS = (
     "prompt_tokens", "completion_tokens", "cached_input_tokens", "cost_micro_usd",
     "saved_micro_usd", "latency_ms_sum",
 )
-_ROLLUP_UPDATE = (
-    f"ON CONFLICT ({', '.join(_ROLLUP_KEY)}) DO UPDATE SET "
-    + ", ".join(f"{c} = usage_daily.{c} + excluded.{c}" for c in _ROLLUP_SUMS)
-)
+
+# The same sums in narrower rollups that the usage reports read (migration 0012): without the
+# end user, and with only the end user. Derived from usage_daily's sums per batch, so the three
+# always agree.
+_MODEL_KEY = ("tenant_id", "day", "feature", "model")
+_USER_KEY = ("tenant_id", "day", "user_external_id")
+
+
+def _rollup_update(table: str, key: tuple[str, ...]) -> str:
+    return (f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
+            + ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in _ROLLUP_SUMS))
+
+
+_ROLLUP_UPDATE = _rollup_update("usage_daily", _ROLLUP_KEY)
 
 
 class _SqliteInsert:
@@ -103,6 +115,10 @@ _SQLITE_USERS = _SqliteInsert("users", ("id", "tenant_id", "external_id"), " ON 
 _SQLITE_INTERACTIONS = _SqliteInsert("ai_interactions", _INTERACTION_COLS)
 _SQLITE_ATTEMPTS = _SqliteInsert("ai_attempts", _ATTEMPT_COLS)
 _SQLITE_ROLLUPS = _SqliteInsert("usage_daily", _ROLLUP_KEY + _ROLLUP_SUMS, " " + _ROLLUP_UPDATE)
+_SQLITE_MODEL_ROLLUPS = _SqliteInsert(
+    "usage_daily_models", _MODEL_KEY + _ROLLUP_SUMS, " " + _rollup_update("usage_daily_models", _MODEL_KEY))
+_SQLITE_USER_ROLLUPS = _SqliteInsert(
+    "usage_daily_users", _USER_KEY + _ROLLUP_SUMS, " " + _rollup_update("usage_daily_users", _USER_KEY))
 
 # PostgreSQL: per tenant and batch ONE statement whose parameters are the rows as JSON arrays
 # (serialised by orjson, expanded by the server): end users, interactions, attempts and the
@@ -141,7 +157,11 @@ def _pg_insert(table: str, cols: tuple[str, ...], param: str) -> str:
 _PG_BATCH_SQL = (
     f"WITH u AS ({_pg_insert('users', ('id', 'tenant_id', 'external_id'), 'users')} ON CONFLICT DO NOTHING),"
     f" i AS ({_pg_insert('ai_interactions', _INTERACTION_COLS, 'interactions')}),"
-    f" a AS ({_pg_insert('ai_attempts', _ATTEMPT_COLS, 'attempts')})"
+    f" a AS ({_pg_insert('ai_attempts', _ATTEMPT_COLS, 'attempts')}),"
+    f" m AS ({_pg_insert('usage_daily_models', _MODEL_KEY + _ROLLUP_SUMS, 'model_rollups')}"
+    f" {_rollup_update('usage_daily_models', _MODEL_KEY)}),"
+    f" n AS ({_pg_insert('usage_daily_users', _USER_KEY + _ROLLUP_SUMS, 'user_rollups')}"
+    f" {_rollup_update('usage_daily_users', _USER_KEY)})"
     f" {_pg_insert('usage_daily', _ROLLUP_KEY + _ROLLUP_SUMS, 'rollups')} {_ROLLUP_UPDATE}"
 )
 _JSON_OPTS = orjson.OPT_NAIVE_UTC  # naive datetimes in a record are UTC, on both backends
@@ -445,8 +465,11 @@ class LedgerWriter:
             with self._dead_letter_lock, self.dead_letter_path.open("ab") as fh:
                 fh.write(line)
         except OSError:
-            # Last resort: the row goes to the log rather than nowhere.
-            log.critical("could not write the ledger dead-letter file; row: %s", line.decode().strip())
+            # Last resort: the row goes to the log rather than nowhere, but never the prompt or the
+            # answer: logs are shipped and kept under weaker rules than the tenant's stored content.
+            redacted = dataclasses.replace(rec, prompt_text=None, response_text=None)
+            row = orjson.dumps({"error": str(exc), "row": redacted}, option=_JSON_OPTS, default=str).decode()
+            log.critical("could not write the ledger dead-letter file; row (content withheld): %s", row)
 
     def _finish(self, batch: list[InteractionRecord]) -> None:
         if self.on_written is not None:
@@ -475,6 +498,12 @@ class LedgerWriter:
 
     def _commit(self, prepared: Any, touches: dict[str, tuple[str, Any]]) -> Iterable[str]:
         """One transaction; returns the ids of the end users it created."""
+        # The application login, not the owner's, although a batch spans tenants and the writer
+        # runs no user-supplied SQL (request content only ever travels as bound parameters): with
+        # the tenant set per group, a grouping bug that put one tenant's row under another's
+        # statement is refused by row-level security instead of stored under the wrong tenant,
+        # and the hot path never holds an owner connection. It costs one set_config per tenant
+        # in the batch, inside the same pipeline (no extra round trip).
         with self.db.app_tx() as c:
             raw = c.raw
             if self.db.dialect == "postgres":
@@ -487,11 +516,13 @@ class LedgerWriter:
                     if touches:
                         touch_keys(c, "postgres", touches)
                 return new_users
-            users, rows, attempts, rollups = prepared
+            users, rows, attempts, rollups, model_rollups, user_rollups = prepared
             _sqlite_insert(raw, _SQLITE_USERS, list(users.values()))
             _sqlite_insert(raw, _SQLITE_INTERACTIONS, rows)
             _sqlite_insert(raw, _SQLITE_ATTEMPTS, attempts)
             _sqlite_insert(raw, _SQLITE_ROLLUPS, rollups)
+            _sqlite_insert(raw, _SQLITE_MODEL_ROLLUPS, model_rollups)
+            _sqlite_insert(raw, _SQLITE_USER_ROLLUPS, user_rollups)
             if touches:
                 touch_keys(c, "sqlite", touches)
             return users
@@ -509,7 +540,7 @@ def _pg_statements(batch: list[InteractionRecord], known: set[str]) -> tuple[lis
     statements = []
     new_users: list[str] = []
     for tenant_id, recs in by_tenant.items():
-        users, rows, attempts, rollups = _build_rows(recs, known)
+        users, rows, attempts, rollups, model_rollups, user_rollups = _build_rows(recs, known)
         new_users.extend(users)
         try:
             params = {
@@ -517,6 +548,8 @@ def _pg_statements(batch: list[InteractionRecord], known: set[str]) -> tuple[lis
                 "interactions": orjson.dumps(rows).decode(),
                 "attempts": orjson.dumps(attempts).decode(),
                 "rollups": orjson.dumps(rollups).decode(),
+                "model_rollups": orjson.dumps(model_rollups).decode(),
+                "user_rollups": orjson.dumps(user_rollups).decode(),
             }
         except TypeError as exc:  # e.g. a value in a text column that JSON cannot carry
             raise _RowError(f"cannot encode ledger row: {exc}") from exc
@@ -564,7 +597,8 @@ def _sqlite_time(dt: datetime) -> str:
 
 
 def _build_rows(batch: list[InteractionRecord], known_users: set[str]):
-    """Rows for both backends: (new users, interactions, attempts, rollups) as tuples.
+    """Rows for both backends: (new users, interactions, attempts, rollups, model rollups, user
+    rollups) as tuples.
 
     Times are UTC text (what SQLite stores; PostgreSQL casts it back), JSON columns are text,
     rollups are summed here and sorted by key so that concurrent writers lock them in order.
@@ -639,7 +673,21 @@ def _build_rows_unchecked(batch: list[InteractionRecord], known_users: set[str])
             s[11] += r.latency_ms
     # Sorted keys: concurrent writers take the rollup rows' locks in the same order.
     rollups = [k + tuple(sums[k]) for k in sorted(sums)]
-    return users, rows, attempts, rollups
+    return users, rows, attempts, rollups, _regroup(rollups, (0, 1, 2, 3)), _regroup(rollups, (0, 1, 4))
+
+
+def _regroup(rollups: list[tuple], key: tuple[int, ...]) -> list[tuple]:
+    """usage_daily rollup rows (5 key columns, then the sums) summed by a subset of the key."""
+    out: dict[tuple, list[int]] = {}
+    for r in rollups:
+        k = tuple(r[i] for i in key)
+        acc = out.get(k)
+        if acc is None:
+            out[k] = list(r[5:])
+        else:
+            for i, v in enumerate(r[5:]):
+                acc[i] += v
+    return [k + tuple(out[k]) for k in sorted(out)]
 
 
 def _uuid7() -> str:

@@ -1,9 +1,11 @@
-"""Shared HTTP plumbing for the wire providers (aiohttp, orjson, SSE, deadlines).
+"""Shared HTTP plumbing for the wire providers (HTTP client, orjson, SSE, deadlines).
 
-* :class:`HttpClient` owns one :class:`aiohttp.ClientSession` per provider instance,
-  created lazily inside the running event loop (and re-created if the loop changed), with a
-  keep-alive pool, ``auto_decompress`` and no retries (aiohttp never retries a POST;
-  retries are loadbear's job).
+* :class:`HttpClient` is a lean HTTP/1.1 client (asyncio protocol + httptools, see
+  :mod:`._h1`): one keep-alive pool per provider instance, created lazily inside the running
+  event loop (and re-created if the loop changed), no retries (retries are loadbear's job;
+  a request that could not even be written on a stale pooled connection is sent again once).
+  :func:`make_client` returns it, or the aiohttp client (:mod:`._aiohttp`) when proxy
+  environment variables are to be honoured.
 * :class:`SSEParser` is an incremental Server-Sent-Events parser over raw bytes: ``\\n`` and
   ``\\r\\n`` line ends (a ``\\r\\n`` split across reads is fine; lone ``\\r`` is not supported),
   ``:`` comments, ``event:`` names, multi-line ``data:`` (joined with ``\\n``); ``id:`` and
@@ -14,7 +16,7 @@
 
 Deadlines (all measured on the loop clock from the moment the request is sent):
 
-* ``connect``: TCP/TLS connect (aiohttp ``sock_connect``) -> ``TIMEOUT``.
+* ``connect``: TCP/TLS connect -> ``TIMEOUT``.
 * ``first_token``: streams: until the first content delta (the provider calls
   :meth:`SSEStream.mark_first`) -> ``FIRST_TOKEN_TIMEOUT``; non-streams: until the whole
   response body is read (capped by ``total``).
@@ -29,17 +31,20 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import os
+import ssl
 import time
 from typing import Any
 
 import aiohttp
 import orjson
 
+from ._h1 import Conn, Pool, Target
 from .base import ErrorKind, ProviderError, Timeouts, Usage
 from .tokens import count_messages, count_text
 
 __all__ = [
     "HttpClient",
+    "make_client",
     "SSEParser",
     "SSEStream",
     "parse_retry_after",
@@ -50,9 +55,11 @@ __all__ = [
     "estimate_usage",
 ]
 
-_SLACK = 0.001
+_SLACK = 0.001  # timers may fire a hair early (clock resolution)
 # Set to 1 to honour HTTP(S)_PROXY / NO_PROXY (and .netrc) for upstream calls.
-TRUST_ENV_VAR = "LOADBEAR_UPSTREAM_TRUST_ENV"  # timers may fire a hair early (clock resolution)
+TRUST_ENV_VAR = "LOADBEAR_UPSTREAM_TRUST_ENV"
+# Set to "aiohttp" to use aiohttp's client instead of the lean one (without proxies).
+CLIENT_VAR = "LOADBEAR_UPSTREAM_HTTP"
 
 
 # --------------------------------------------------------------------------- errors
@@ -152,6 +159,12 @@ def map_http_error(status: int, body: Any, headers: Any = None, vendor: str = "u
         return ProviderError(ErrorKind.NOT_FOUND, label, status=status)
     if status == 408:
         return ProviderError(ErrorKind.TIMEOUT, label, status=status)
+    if 300 <= status < 400:
+        # Redirects are not followed (a POST must not silently become a GET elsewhere): a base
+        # URL that redirects is our configuration, like a 404 — fail over, not the client's fault.
+        where = headers.get("location") if headers else None
+        hint = f" (redirected to {where}: check the base URL)" if where else " (check the base URL)"
+        return ProviderError(ErrorKind.NOT_FOUND, label + hint, status=status)
     if status >= 500:
         # 500/502/503/504, Anthropic 529 "overloaded", and any other 5xx.
         return ProviderError(
@@ -189,23 +202,6 @@ def map_exception(exc: BaseException, vendor: str = "upstream") -> ProviderError
     if isinstance(exc, (aiohttp.ClientError, OSError)):
         return ProviderError(ErrorKind.CONNECTION, f"{vendor}: {type(exc).__name__}: {exc}")
     return ProviderError(ErrorKind.CONNECTION, f"{vendor}: {type(exc).__name__}: {exc}")
-
-
-async def _send(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
-                timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
-    """POST, retrying once when the request could not even be written.
-
-    A pooled keep-alive connection can be closed by the upstream just as we reuse it; the write
-    then fails before a byte of the request left. Nothing reached the upstream, so this is not an
-    attempt: send it again on a fresh connection (the dead one has left the pool). A failure after
-    the request was written is never retried here — that is the executor's decision.
-    """
-    try:
-        return await session.post(url, data=body, headers=headers, timeout=timeout)
-    except aiohttp.ClientOSError as exc:
-        if "Can not write request body" not in str(exc):
-            raise
-        return await session.post(url, data=body, headers=headers, timeout=timeout)
 
 
 def estimate_usage(
@@ -301,11 +297,15 @@ class SSEStream:
 
     Use :meth:`next_events` until it returns ``None`` (EOF), call :meth:`mark_first` on
     the first content delta, and always :meth:`close` (in a ``finally``).
+
+    ``reader`` is the body: ``readany()``, ``set_exception()``, ``is_eof()`` (a
+    :class:`._h1.Conn`, or aiohttp's ``StreamReader``); ``finish(reusable)`` ends the exchange
+    (back to the pool after a drained stream, else close the connection).
     """
 
     __slots__ = (
-        "resp",
         "_content",
+        "_finish",
         "_parser",
         "_loop",
         "_first_deadline",
@@ -317,29 +317,20 @@ class SSEStream:
         "_closed",
         "_reusable",
         "_vendor",
-        "_proto",
-        "_connector",
     )
 
     def __init__(
         self,
-        resp: aiohttp.ClientResponse,
+        reader: Any,
+        finish: Any,
         loop: asyncio.AbstractEventLoop,
         first_deadline: float | None,
         total_deadline: float | None,
         idle: float | None,
         vendor: str = "upstream",
-        connector: Any = None,
     ) -> None:
-        self.resp = resp
-        # The protocol (the pooled connection); read from the response because aiohttp may
-        # already have released the connection if the whole body arrived with the headers.
-        proto = getattr(resp, "_protocol", None)
-        if proto is None and resp.connection is not None:
-            proto = resp.connection.protocol
-        self._proto = proto
-        self._connector = connector
-        self._content = resp.content
+        self._content = reader
+        self._finish = finish
         self._parser = SSEParser()
         self._loop = loop
         self._first_deadline = first_deadline
@@ -389,8 +380,11 @@ class SSEStream:
         self._got_first = True
         idle = self._idle
         when = _earliest(None if idle is None else self._loop.time() + idle, self._total_deadline)
-        if self._handle is not None:
-            self._handle.cancel()
+        handle = self._handle
+        if handle is not None:
+            if when is not None and handle.when() <= when:
+                return  # fires early enough; it re-arms itself for the idle deadline then
+            handle.cancel()
             self._handle = None
         if when is not None and not self._closed:
             self._handle = self._loop.call_at(when, self._on_timer)
@@ -459,20 +453,7 @@ class SSEStream:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
-        if self._reusable and self._content.at_eof() and self._content.exception() is None:
-            self.resp.release()
-            return
-        self.resp.close()
-        # aiohttp hands a connection back to the pool by itself as soon as the body ends,
-        # even if what the body said was a failure (an in-band error, garbage). Upstreams
-        # often hang up right after such a body; an immediate retry would pick the dying
-        # connection from the pool and fail with CONNECTION. If it is still idle in the
-        # pool (nobody re-acquired it), close it now.
-        proto = self._proto
-        if proto is not None and proto.is_connected():
-            acquired = getattr(self._connector, "_acquired", None)
-            if acquired is not None and proto not in acquired:
-                proto.close()
+        self._finish(self._reusable)
 
 
 def _earliest(a: float | None, b: float | None) -> float | None:
@@ -486,22 +467,54 @@ def _earliest(a: float | None, b: float | None) -> float | None:
 # --------------------------------------------------------------------------- client
 
 
-class HttpClient:
-    """One pooled aiohttp session, bound to the event loop it was created in.
+def make_client(
+    vendor: str = "upstream",
+    *,
+    limit: int = 1024,
+    keepalive_timeout: float = 30.0,
+    trust_env: bool | None = None,
+) -> Any:
+    """The providers' HTTP client: the lean :class:`HttpClient`, or aiohttp's when proxy
+    environment variables are to be honoured (``trust_env``; default from the
+    ``LOADBEAR_UPSTREAM_TRUST_ENV`` environment variable, off) or when
+    ``LOADBEAR_UPSTREAM_HTTP=aiohttp`` asks for it (an escape hatch, and the A/B baseline)."""
+    if trust_env is None:
+        trust_env = os.environ.get(TRUST_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
+    if trust_env or os.environ.get(CLIENT_VAR, "").strip().lower() == "aiohttp":
+        from ._aiohttp import AiohttpClient
 
-    ``trust_env``: honour proxy environment variables; default from the
-    ``LOADBEAR_UPSTREAM_TRUST_ENV`` environment variable (off).
+        return AiohttpClient(vendor, limit=limit, keepalive_timeout=keepalive_timeout, trust_env=trust_env)
+    return HttpClient(vendor, limit=limit, keepalive_timeout=keepalive_timeout)
+
+
+def _expire(conn: Conn, kind: ErrorKind, message: str) -> None:
+    conn.fail(ProviderError(kind, message))
+
+
+async def _wait_for(conn: Conn, deadline: float | None, kind: ErrorKind, message: str, headers_only: bool) -> None:
+    """Until the response is complete (or, ``headers_only``, its headers are in); raises
+    the exchange's error, or ``kind`` at ``deadline``."""
+    timer = None
+    try:
+        while conn.error is None and not (conn.done or (headers_only and conn.headers_done)):
+            if timer is None and deadline is not None:
+                timer = conn.pool.loop.call_at(deadline, _expire, conn, kind, message)
+            await conn.wait()
+    finally:
+        if timer is not None:
+            timer.cancel()
+    if conn.error is not None:
+        raise conn.error
+
+
+class HttpClient:
+    """Pooled HTTP/1.1 client over :mod:`._h1`, bound to the event loop it is used in (a new
+    loop gets a new pool; the old loop's sockets cannot be closed from here and are dropped).
+
+    ``ssl_context``: for https upstreams (default: the system trust store).
     """
 
-    __slots__ = (
-        "_session",
-        "_loop",
-        "_limit",
-        "_keepalive",
-        "_vendor",
-        "_ctimeouts",
-        "_trust_env",
-    )
+    __slots__ = ("_session", "_limit", "_keepalive", "_vendor", "_targets", "_ssl")
 
     def __init__(
         self,
@@ -509,50 +522,87 @@ class HttpClient:
         *,
         limit: int = 1024,
         keepalive_timeout: float = 30.0,
-        trust_env: bool | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self._session: aiohttp.ClientSession | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # Named like aiohttp's session: tests read ``_session.connector._acquired``.
+        self._session: Pool | None = None
         self._limit = limit
         self._keepalive = keepalive_timeout
         self._vendor = vendor
-        self._ctimeouts: dict[float | None, aiohttp.ClientTimeout] = {}
-        if trust_env is None:
-            trust_env = os.environ.get(TRUST_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
-        self._trust_env = trust_env
+        self._targets: dict[str, Target] = {}
+        self._ssl = ssl_context
 
-    def session(self) -> aiohttp.ClientSession:
+    def _pool(self) -> Pool:
         loop = asyncio.get_running_loop()
-        session = self._session
-        if session is not None and self._loop is loop and not session.closed:
-            return session
-        if session is not None and not session.closed:
-            # Created in another (usually already closed) loop: its connections cannot be
-            # used or closed politely from here; drop it.
-            session.detach()
-        connector = aiohttp.TCPConnector(
-            limit=self._limit,
-            limit_per_host=0,
-            keepalive_timeout=self._keepalive,
-            ttl_dns_cache=300,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=None),
-            auto_decompress=True,
-            raise_for_status=False,
-            trust_env=self._trust_env,
-        )
-        self._loop = loop
-        return self._session
+        pool = self._session
+        if pool is None or pool.loop is not loop or pool.closed:
+            pool = self._session = Pool(loop, self._limit, self._keepalive, self._vendor)
+        return pool
 
-    def client_timeout(self, connect: float | None) -> aiohttp.ClientTimeout:
-        ct = self._ctimeouts.get(connect)
-        if ct is None:
-            ct = self._ctimeouts[connect] = aiohttp.ClientTimeout(
-                total=None, connect=None, sock_connect=connect, sock_read=None
-            )
-        return ct
+    def _target(self, url: str) -> Target:
+        target = self._targets.get(url)
+        if target is None:
+            try:
+                target = Target(url, self._ssl)
+            except ValueError as exc:
+                raise ProviderError(ErrorKind.CONNECTION, f"{self._vendor}: {exc}") from None
+            if len(self._targets) >= 256:
+                self._targets.clear()
+            self._targets[url] = target
+        return target
+
+    async def _connect(self, pool: Pool, target: Target, connect: float | None, deadline: float | None,
+                       kind: ErrorKind, message: str) -> Conn:
+        limit, by_deadline = connect, False
+        if deadline is not None:
+            left = deadline - pool.loop.time()
+            if limit is None or left < limit:
+                limit, by_deadline = max(left, 0.0), True
+        try:
+            if limit is None:
+                return await pool.connect(target)
+            async with asyncio.timeout(limit):
+                return await pool.connect(target)
+        except TimeoutError:  # before OSError: TimeoutError is one
+            if by_deadline:
+                raise ProviderError(kind, message) from None
+            raise ProviderError(ErrorKind.TIMEOUT, f"{self._vendor}: connect timeout") from None
+        except OSError as exc:
+            raise ProviderError(ErrorKind.CONNECTION, f"{self._vendor}: cannot connect: {exc}") from None
+
+    async def _send(self, target: Target, body: bytes, headers: dict[str, str], connect: float | None,
+                    deadline: float | None, kind: ErrorKind, message: str, stream: bool) -> Conn:
+        """A connection with the request written to it."""
+        pool = self._pool()
+        try:
+            data = target.request(body, headers)
+        except ValueError as exc:
+            raise ProviderError(ErrorKind.CONNECTION, f"{self._vendor}: {exc}") from None
+        resent = False
+        while True:
+            conn = pool.take(target.key)
+            if conn is None:
+                if pool.full():
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            await pool.wait_free()
+                    except TimeoutError:
+                        raise ProviderError(kind, message) from None
+                    continue
+                conn = await self._connect(pool, target, connect, deadline, kind, message)
+            conn.begin(stream)
+            transport = conn.transport
+            transport.write(data)
+            if not transport.is_closing():
+                return conn
+            # The write failed on the spot (the peer had reset the connection): not a byte of
+            # the request left, so on a reused connection this is not an attempt: send again.
+            reused = conn.reused
+            conn.close()
+            if reused and not resent:
+                resent = True
+                continue
+            raise ProviderError(ErrorKind.CONNECTION, f"{self._vendor}: connection closed while sending the request")
 
     async def post(
         self, url: str, body: bytes, headers: dict[str, str], timeouts: Timeouts
@@ -562,25 +612,26 @@ class HttpClient:
         The whole exchange is bounded by ``first_token`` (capped by ``total``); raises
         :class:`ProviderError` for transport failures and timeouts.
         """
-        session = self.session()
+        target = self._target(url)
         first, total = timeouts.first_token, timeouts.total
         if first is not None and (total is None or first < total):
             limit, kind = first, ErrorKind.FIRST_TOKEN_TIMEOUT
         else:
             limit, kind = total, ErrorKind.TIMEOUT
-        cm = asyncio.timeout(limit)
+        loop = asyncio.get_running_loop()
+        deadline = None if limit is None else loop.time() + limit
+        message = "" if limit is None else f"{self._vendor}: no complete response within {limit:g}s"
+        conn = await self._send(target, body, headers, timeouts.connect, deadline, kind, message, False)
         try:
-            async with cm:
-                resp = await _send(session, url, body, headers, self.client_timeout(timeouts.connect))
-                async with resp:
-                    raw = await resp.read()
-                    return resp.status, resp.headers, raw
-        except TimeoutError as exc:
-            if cm.expired():
-                raise ProviderError(kind, f"{self._vendor}: no complete response within {limit:g}s") from None
-            raise map_exception(exc, self._vendor) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise map_exception(exc, self._vendor) from None
+            await _wait_for(conn, deadline, kind, message, False)
+        except BaseException:
+            conn.close()
+            raise
+        chunks = conn.chunks
+        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        conn.chunks = []
+        conn.pool.release(conn)
+        return conn.status, conn.headers, raw
 
     async def open_stream(
         self, url: str, body: bytes, headers: dict[str, str], timeouts: Timeouts
@@ -589,7 +640,7 @@ class HttpClient:
 
         Waiting for the response headers counts against ``first_token`` and ``total``.
         """
-        session = self.session()
+        target = self._target(url)
         loop = asyncio.get_running_loop()
         start = loop.time()
         first = None if timeouts.first_token is None else start + timeouts.first_token
@@ -599,49 +650,32 @@ class HttpClient:
             kind = ErrorKind.FIRST_TOKEN_TIMEOUT
         else:
             kind = ErrorKind.TIMEOUT
-        cm = asyncio.timeout_at(header_deadline)
-        resp: aiohttp.ClientResponse | None = None
+        message = f"{self._vendor}: no response headers in time"
+        conn = await self._send(target, body, headers, timeouts.connect, header_deadline, kind, message, True)
         try:
-            async with cm:
-                resp = await _send(session, url, body, headers, self.client_timeout(timeouts.connect))
-                if resp.status != 200:
-                    try:
-                        raw = await resp.read()
-                    finally:
-                        resp.release()
-                    return resp.status, resp.headers, raw
-                ctype = resp.headers.get("content-type", "")
-                if "json" in ctype:
-                    # Some servers answer a stream request with a JSON body (often an error).
-                    try:
-                        raw = await resp.read()
-                    finally:
-                        resp.release()
-                    return 200, resp.headers, raw
-        except TimeoutError as exc:
-            if resp is not None:
-                resp.close()
-            if cm.expired():
-                raise ProviderError(kind, f"{self._vendor}: no response headers in time") from None
-            raise map_exception(exc, self._vendor) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            if resp is not None:
-                resp.close()
-            raise map_exception(exc, self._vendor) from None
+            await _wait_for(conn, header_deadline, kind, message, True)
+            status, resp_headers = conn.status, conn.headers
+            if status != 200 or "json" in resp_headers.get("content-type", ""):
+                # An error, or a server answering a stream request with a JSON body.
+                await _wait_for(conn, header_deadline, kind, message, False)
+                raw = b"".join(conn.chunks)
+                conn.chunks = []
+                conn.pool.release(conn)
+                return status, resp_headers, raw
         except BaseException:
-            if resp is not None:
-                resp.close()
+            conn.close()
             raise
-        return 200, resp.headers, SSEStream(resp, loop, first, total, timeouts.idle, self._vendor, session.connector)
+        conn.cut_kind = ErrorKind.STREAM_CUT
+        return 200, resp_headers, SSEStream(conn, conn.finish, loop, first, total, timeouts.idle, self._vendor)
 
     async def aclose(self) -> None:
-        session, self._session = self._session, None
-        if session is not None and not session.closed:
-            try:
-                if self._loop is asyncio.get_running_loop():
-                    await session.close()
-                else:
-                    session.detach()
-            except RuntimeError:
-                session.detach()
-        self._loop = None
+        pool, self._session = self._session, None
+        if pool is None:
+            return
+        try:
+            same_loop = pool.loop is asyncio.get_running_loop()
+        except RuntimeError:
+            same_loop = False
+        if same_loop:
+            pool.close()
+            await asyncio.sleep(0)  # let the transports run connection_lost

@@ -1,4 +1,4 @@
-"""Anthropic Messages API (``POST {base_url}/v1/messages``), plain HTTP over aiohttp.
+"""Anthropic Messages API (``POST {base_url}/v1/messages``), plain HTTP (the lean client in ``_h1``).
 
 Mapping from our OpenAI-shaped requests:
 
@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator
 import orjson
 
 from ._http import (
-    HttpClient,
+    make_client,
     SSEStream,
     estimate_usage,
     inband_error,
@@ -83,7 +83,7 @@ class AnthropicProvider:
     def __init__(
         self, *, limit: int = 1024, keepalive_timeout: float = 30.0, trust_env: bool | None = None
     ) -> None:
-        self._http = HttpClient("anthropic", limit=limit, keepalive_timeout=keepalive_timeout, trust_env=trust_env)
+        self._http = make_client("anthropic", limit=limit, keepalive_timeout=keepalive_timeout, trust_env=trust_env)
         self._urls: dict[str, str] = {}
 
     # ------------------------------------------------------------------ mapping

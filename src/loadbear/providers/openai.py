@@ -1,6 +1,6 @@
 """OpenAI and every OpenAI-compatible host (Azure OpenAI, Ollama, vLLM, llama.cpp, ...).
 
-Plain HTTP over the shared aiohttp session (no SDK: it is slow and retries on its own):
+Plain HTTP over loadbear's lean HTTP/1.1 client (no SDK: it is slow and retries on its own):
 
 * ``POST {base_url}/chat/completions`` (``base_url`` like ``https://api.openai.com/v1``;
   a query string on ``base_url`` such as Azure's ``?api-version=...`` is kept and appended
@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator
 import orjson
 
 from ._http import (
-    HttpClient,
+    make_client,
     SSEStream,
     estimate_usage,
     inband_error,
@@ -60,7 +60,7 @@ class OpenAIProvider:
     def __init__(
         self, *, limit: int = 1024, keepalive_timeout: float = 30.0, trust_env: bool | None = None
     ) -> None:
-        self._http = HttpClient("openai", limit=limit, keepalive_timeout=keepalive_timeout, trust_env=trust_env)
+        self._http = make_client("openai", limit=limit, keepalive_timeout=keepalive_timeout, trust_env=trust_env)
         self._endpoints: dict[str, _Endpoint] = {}
 
     # ------------------------------------------------------------------ mapping

@@ -3,19 +3,22 @@
 SQL is written once with ``?`` placeholders; the PostgreSQL backend rewrites them to ``%s``.
 Two kinds of transaction exist, and the difference is the security boundary:
 
-* ``tenant_tx(tenant_id)`` — tenant work. On PostgreSQL it runs as the application role (no
-  BYPASSRLS) with ``loadbear.tenant_id`` set for the transaction, so row-level security holds
-  even when application SQL forgets a tenant filter. SQLite has no RLS; there the application
-  filter is the boundary, and the isolation tests run on both backends.
-* ``system_tx()`` — cross-tenant work that precedes knowing a tenant (key lookup) or is
-  explicitly administrative (tenant creation, admin reports, migrations).
+* ``tenant_tx(tenant_id)`` — tenant work. On PostgreSQL it runs on a connection that logged in
+  as the application role (no BYPASSRLS, owns nothing) with ``loadbear.tenant_id`` set for the
+  transaction, so row-level security holds even when application SQL forgets a tenant filter,
+  and no SQL inside can switch to a more powerful role. SQLite has no RLS; there the
+  application filter is the boundary, and the isolation tests run on both backends.
+* ``app_tx()`` — the application role with no tenant set (sees no tenant rows); the ledger
+  writer sets the tenant itself per group of rows.
+* ``system_tx()`` — the owner's login: cross-tenant work that precedes knowing a tenant (key
+  lookup) or is explicitly administrative (tenant creation, admin reports, migrations).
 """
 
 from __future__ import annotations
 
 import re
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, Iterator, Sequence
 from urllib.parse import urlparse
 
@@ -169,41 +172,182 @@ class SQLiteDatabase(Database):
         self._local = threading.local()
 
 
+class AppRoleError(RuntimeError):
+    """The application login cannot be used for tenant work (cannot connect, or is not restricted)."""
+
+
+def app_conninfo(url: str, app_role: str) -> str:
+    """The owner's connection parameters with the user replaced by the application role.
+
+    The owner's password is dropped: it is not the app role's. This default suits trust or
+    peer/cert authentication (CI, a local socket); with passwords, give the app role's own
+    login in ``LOADBEAR_DATABASE_APP_URL``.
+    """
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params = conninfo_to_dict(url)
+    params.pop("password", None)
+    params["user"] = app_role
+    return make_conninfo(**params)
+
+
+def _describe(conninfo: str) -> str:
+    """user@host/db of a connection string, for messages (never the password)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        p = conninfo_to_dict(conninfo)
+    except Exception:
+        return "(unparseable connection string)"
+    return f"{p.get('user', '(default user)')}@{p.get('host', '(default host)')}/{p.get('dbname', '')}"
+
+
+# Run once when the app pool opens: the login must not be able to get past row-level security,
+# by itself or through any role it may SET ROLE to (superuser, BYPASSRLS, or owning a table with
+# RLS: owners are exempt from their tables' policies).
+_APP_ROLE_CHECK = """
+SELECT current_user AS login,
+  (SELECT string_agg(r.rolname, ', ' ORDER BY r.rolname) FROM pg_roles r
+    WHERE (r.rolsuper OR r.rolbypassrls) AND pg_has_role(current_user, r.oid, 'MEMBER')) AS bypassing,
+  (SELECT string_agg(DISTINCT pg_get_userbyid(c.relowner), ', ') FROM pg_class c
+    WHERE c.relrowsecurity AND pg_has_role(current_user, c.relowner, 'MEMBER')) AS owning
+"""
+
+
+# The tenant, local to the transaction ("" sees no rows); and, in the same round trip, whether
+# this session ever created a temporary object. Temporary tables come first in the search path,
+# so one left behind by an earlier transaction (of any tenant) could shadow a real table and
+# capture the next tenant's rows; loadbear never creates any, so such a connection is dropped.
+_SET_TENANT = "SELECT pg_my_temp_schema() <> 0 FROM set_config('loadbear.tenant_id', %s, true)"
+
+
 class PostgresDatabase(Database):
+    """Two pools, two logins.
+
+    * The system pool logs in as the URL's user (the schema owner): migrations, key lookup,
+      tenant creation, admin reports.
+    * The app pool logs in as the restricted application role (LOGIN, NOSUPERUSER,
+      NOBYPASSRLS, owns nothing, member of nothing that does): all tenant work. Its session
+      user IS that role, so ``RESET ROLE``, ``SET ROLE <owner>`` or ``SET SESSION
+      AUTHORIZATION`` inside a tenant transaction (an injection, a bug) have nothing to go back
+      to. Switching role per transaction on an owner connection could always be undone.
+
+    The app pool opens on first use: before ``migrate`` the role may not exist or log in yet.
+    """
+
     dialect = "postgres"
 
-    def __init__(self, url: str, app_role: str = "loadbear_app", pool_size: int = 10) -> None:
+    def __init__(self, url: str, app_role: str = "loadbear_app", pool_size: int = 10,
+                 app_url: str | None = None) -> None:
         from psycopg_pool import ConnectionPool
 
         self.url = url
         self.app_role = app_role
+        self.app_url = app_url or app_conninfo(url, app_role)
+        self.pool_size = max(1, pool_size)
+        # Request traffic runs on the app pool; the owner's pool serves key lookups (cached per
+        # replica), admin work and migrations, so it gets a smaller share of the connections.
         self.pool = ConnectionPool(
-            url, min_size=1, max_size=pool_size, open=True, kwargs={"autocommit": False},
-            name="loadbear",
+            url, min_size=1, max_size=max(2, self.pool_size // 2), open=True, kwargs={"autocommit": False},
+            name="loadbear-system",
+        )
+        self._app_pool: Any = None
+        self._app_lock = threading.Lock()
+
+    @property
+    def app_pool(self) -> Any:
+        pool = self._app_pool
+        if pool is None:
+            with self._app_lock:
+                if self._app_pool is None:
+                    self._app_pool = self._open_app_pool()
+                pool = self._app_pool
+        return pool
+
+    def _open_app_pool(self) -> Any:
+        import psycopg
+        from psycopg_pool import ConnectionPool
+
+        where = _describe(self.app_url)
+        # One direct connection first: a wrong password or a role without LOGIN fails here with
+        # the server's own message, instead of as a pool timeout half a minute later.
+        try:
+            probe = psycopg.connect(self.app_url, autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            raise AppRoleError(
+                f"cannot log in as the application role ({where}): {str(exc).strip()}. Run `loadbear migrate`"
+                " (it gives the role LOGIN), and with password authentication set LOADBEAR_DATABASE_APP_URL"
+                " to the role's own login."
+            ) from exc
+        try:
+            row = probe.execute(_APP_ROLE_CHECK).fetchone()
+        finally:
+            probe.close()
+        login, bypassing, owning = row
+        if bypassing or owning:
+            why = (f"it can act as {bypassing} (superuser or BYPASSRLS)" if bypassing
+                   else f"it can act as {owning}, which owns the tenant tables")
+            raise AppRoleError(
+                f"refusing tenant work as {login!r} ({where}): {why}, so row-level security would not apply."
+                " LOADBEAR_DATABASE_APP_URL must log in as the restricted application role."
+            )
+        return ConnectionPool(
+            self.app_url, min_size=1, max_size=self.pool_size, open=True, kwargs={"autocommit": False},
+            name="loadbear-app",
         )
 
     @contextmanager
-    def _tx(self, role: str | None, tenant_id: str | None) -> Iterator[Conn]:
-        with self.pool.connection() as conn:
-            with conn.transaction():
-                if role is not None:
-                    # One round trip: both settings are local to this transaction.
-                    conn.execute(
-                        "SELECT set_config('role', %s, true), set_config('loadbear.tenant_id', %s, true)",
-                        (role, "" if tenant_id is None else str(tenant_id)),
-                    )
-                yield Conn(conn, "postgres")
+    def _tx(self, app: bool, tenant_id: str) -> Iterator[Conn]:
+        import psycopg
+
+        tries = 0
+        while True:
+            pool = self.app_pool if app else self.pool
+            with ExitStack() as stack:
+                conn = stack.enter_context(pool.connection())
+                try:
+                    stack.enter_context(conn.transaction())
+                    dirty = app and conn.execute(_SET_TENANT, (tenant_id,)).fetchone()[0]
+                except psycopg.OperationalError:
+                    # A pooled connection the server dropped (restart, failover, terminated
+                    # backend) fails here, before the caller ran anything: take another one.
+                    # Leaving the block hands the broken one back, and the pool discards it.
+                    tries += 1
+                    if not conn.broken or tries > pool.max_size:
+                        raise
+                    continue
+                if not dirty:
+                    yield Conn(conn, "postgres")
+                    return
+                conn.close()  # the pool drops a closed connection instead of reusing it
+                tries += 1
+                if tries > pool.max_size:
+                    raise AppRoleError("no clean application connection available")
 
     def tenant_tx(self, tenant_id: str, write: bool = True) -> Any:
-        return self._tx(self.app_role, str(tenant_id))
+        return self._tx(True, str(tenant_id))
 
     def app_tx(self, write: bool = True) -> Any:
-        return self._tx(self.app_role, None)
+        return self._tx(True, "")
 
     def system_tx(self, write: bool = True) -> Any:
-        return self._tx(None, None)
+        return self._tx(False, "")
+
+    def ping(self) -> bool:
+        # Ready means both logins work: the owner's and the application role's.
+        if not super().ping():
+            return False
+        try:
+            with self.app_tx() as c:
+                return c.scalar("SELECT 1") == 1
+        except Exception:
+            return False
 
     def close(self) -> None:
+        with self._app_lock:
+            if self._app_pool is not None:
+                self._app_pool.close()
+                self._app_pool = None
         self.pool.close()
 
 
@@ -218,10 +362,12 @@ def sqlite_path(url: str) -> str:
     return path
 
 
-def open_database(url: str, app_role: str = "loadbear_app", pool_size: int = 10) -> Database:
+def open_database(url: str, app_role: str = "loadbear_app", pool_size: int = 10,
+                  app_url: str | None = None) -> Database:
+    """``app_url``: the PostgreSQL login for tenant work (default: ``url`` as ``app_role``)."""
     scheme = urlparse(url).scheme
     if scheme == "sqlite":
         return SQLiteDatabase(sqlite_path(url))
     if scheme in ("postgres", "postgresql"):
-        return PostgresDatabase(url, app_role=app_role, pool_size=pool_size)
+        return PostgresDatabase(url, app_role=app_role, pool_size=pool_size, app_url=app_url)
     raise ValueError(f"unsupported database URL scheme {scheme!r}: use sqlite:/// or postgresql://")

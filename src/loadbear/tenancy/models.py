@@ -62,6 +62,14 @@ class TenantSettings:
     # Rate limits per tenant (None: unlimited): requests and tokens (prompt + completion) per minute.
     rpm_limit: int | None = None
     tpm_limit: int | None = None
+    # Response cache (gateway/cache.py). Opt-in: it keeps questions and answers in the database
+    # (like store_content, privacy first) and makes repeated questions answer alike. Thresholds are
+    # MiniLM cosine similarities; the degraded one applies only when every model failed.
+    cache_enabled: bool = False
+    cache_semantic: bool = True
+    cache_threshold: float = 0.95
+    cache_degraded_threshold: float = 0.85
+    cache_ttl_s: int = 86_400
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "TenantSettings":
@@ -116,6 +124,16 @@ class TenantSettings:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise TenancyError(f"{name} must be a positive integer or null", param=f"settings.{name}")
+        for name in ("cache_enabled", "cache_semantic"):
+            if not isinstance(getattr(self, name), bool):
+                raise TenancyError(f"{name} must be true or false", param=f"settings.{name}")
+        for name in ("cache_threshold", "cache_degraded_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise TenancyError(f"{name} must be a cosine similarity in (0, 1], e.g. 0.95", param=f"settings.{name}")
+        ttl = self.cache_ttl_s
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
+            raise TenancyError("cache_ttl_s must be a positive integer (seconds)", param="settings.cache_ttl_s")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
