@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/cost.py [--requests 2000] [--entries 100000] [--backend sqlite|postgres]
                                    [--no-routing] [--skip-100k] [--pg-100k] [--out results.json] [--no-docs]
+    .venv/bin/python bench/cost.py --only-100k [--pg-100k] [--entries N]   # the 100k lookups alone, printed
 
 Workload (``build_workload``, seeded): the questions a SaaS helpdesk assistant gets. 27 question
 families (refunds, prices, seats, SSO, upgrades and downgrades between plans, integrations set up
@@ -38,7 +39,9 @@ Runs, in order:
    routed runs;
 4. 100k: ``--entries`` entries in ONE scope of one tenant (the worst case: nothing partitions
    them), lookups timed with the query vector given (the target excludes the query embedding):
-   exact repeats, near variants (hits) and new questions (misses).
+   exact repeats, near variants (hits) and new questions (misses); round trips per lookup
+   (PostgreSQL: counted by a relay in front of the server) and the lookup's transport, one
+   round trip vs a plain ``tenant_tx``, timed interleaved in the same run.
 
 Writes the "Cache" section of docs/benchmarks.md (``--no-docs`` to skip).
 """
@@ -725,8 +728,8 @@ async def time_100k(cache, tenant_id: str, texts: list[str], vecs: dict[str, np.
     cands: list[int] = []
     orig = cache._candidates
 
-    def counting(c, scope, t, **kw):
-        rows = orig(c, scope, t, **kw)
+    def counting(scope, t, **kw):
+        rows = orig(scope, t, **kw)
         if not any(r.get("exact") for r in rows):
             cands.append(len(rows))
         return rows
@@ -762,12 +765,195 @@ async def time_100k(cache, tenant_id: str, texts: list[str], vecs: dict[str, np.
         return out
 
     async_ms = await run_async()
-    return {"times": {k: {"p50": pct(v, 50), "p99": pct(v, 99), "max": max(v), "n": len(v)} for k, v in times.items()},
+    trips = round_trips(cache, tenant_id, plan)
+    ab = transport_ab(cache, tenant_id, plan)
+    return {"transport_ab": ab,"times": {k: {"p50": pct(v, 50), "p99": pct(v, 99), "max": max(v), "n": len(v)} for k, v in times.items()},
+            "round_trips": trips,
             "outcome": {f"{k[0]}→{k[1]}": n for k, n in sorted(outcome.items())},
             "candidates": {"mean": statistics.mean(cands), "p99": pct([float(c) for c in cands], 99),
                            "max": max(cands)},
             "async_new": {"p50": pct(async_ms, 50), "p99": pct(async_ms, 99)},
             "cpu": {"p50": pct(cpu, 50), "p99": pct(cpu, 99)}}
+
+
+# The server's ReadyForQuery message ('Z', length 5): it answers a Sync or a simple query, so the
+# client waited for it; results of pipelined statements before the Sync are no wait.
+_READY = b"Z\x00\x00\x00\x05"
+
+
+def transport_ab(cache, tenant_id: str, plan: list[tuple[str, str, np.ndarray]]) -> dict[str, Any]:
+    """The same lookups twice each, interleaved (so both see the same machine load): with the
+    lookup's statement sent through ``db.tenant_fetch`` (one round trip on PostgreSQL) and through
+    a plain ``tenant_tx`` (BEGIN, the tenant, the statement, COMMIT: how lookups ran before)."""
+    import types
+
+    from loadbear.storage.db import Database
+
+    db = cache.db
+    plain = types.MethodType(Database.tenant_fetch, db)
+    wall: dict[str, list[float]] = defaultdict(list)
+    cpu: dict[str, list[float]] = defaultdict(list)
+    background, cache.background = cache.background, False  # hit notes: not on the request path
+    try:
+        for i, (kind, q, v) in enumerate(plan):
+            for name in (("fetch", "tx") if i % 2 else ("tx", "fetch")):
+                if name == "tx":
+                    db.tenant_fetch = plain
+                t0, c0 = time.perf_counter(), time.thread_time()
+                scope = cache.key_for(tenant_id, FEATURE, [{"role": "system", "content": SYSTEM_PROMPT},
+                                                           {"role": "user", "content": q}], "complex")
+                cache.lookup_sync(scope, query_vector=v)
+                wall[name].append((time.perf_counter() - t0) * 1000)
+                cpu[name].append((time.thread_time() - c0) * 1000)
+                if name == "tx":
+                    del db.tenant_fetch
+    finally:
+        cache.background = background
+    return {name: {"p50": pct(wall[name], 50), "p99": pct(wall[name], 99), "cpu_p50": pct(cpu[name], 50),
+                   "cpu_p99": pct(cpu[name], 99), "cpu_mean": statistics.mean(cpu[name])} for name in ("tx", "fetch")}
+
+
+class RoundTripProxy:
+    """A TCP relay in front of PostgreSQL that counts round trips: each time the client sends
+    after the server said it is ready (or first) is one trip, however many messages it pipelines."""
+
+    def __init__(self, host: str, port: int) -> None:
+        import socket
+        import threading
+
+        self.target = (host, port)
+        self.trips = 0
+        self._lock = threading.Lock()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            for s in (client, server):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            state = {"last": "s"}
+            threading.Thread(target=self._pump, args=(client, server, state, "c"), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, state, "s"), daemon=True).start()
+
+    def _pump(self, src, dst, state: dict[str, str], side: str) -> None:
+        try:
+            while data := src.recv(65536):
+                with self._lock:
+                    if side == "c" and state["last"] != "c":
+                        self.trips += 1
+                        state["last"] = "c"
+                    elif side == "s" and _READY in data:
+                        state["last"] = "s"
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def round_trips(cache, tenant_id: str, plan: list[tuple[str, str, np.ndarray]], n: int = 30) -> dict[str, float]:
+    """Round trips per lookup on the request path, by outcome: statements on SQLite (each is a
+    call into the library, not a network trip), client waits on the server on PostgreSQL (through
+    ``RoundTripProxy``, a second connection pool on the same database). Hit notes go to the writer
+    thread and are not counted (``background`` off while counting)."""
+    from loadbear.gateway.cache import ResponseCache
+
+    counts: dict[str, list[int]] = defaultdict(list)
+    db = cache.db
+    proxy = pdb = None
+    if db.dialect == "postgres":
+        from urllib.parse import urlsplit, urlunsplit
+
+        from loadbear.storage.db import app_conninfo, open_database
+
+        parts = urlsplit(db.url)
+        proxy = RoundTripProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+        netloc = (parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else "") + f"127.0.0.1:{proxy.port}"
+        url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        pdb = open_database(url, app_url=app_conninfo(url, db.app_role))
+        counter = ResponseCache(pdb, embedder_factory=lambda: cache.embedder, static=cache.static, background=False)
+
+        def count() -> int:
+            k, proxy.trips = proxy.trips, 0
+            return k
+    else:
+        counter = cache
+        raw = db._conn()
+        stmts: list[str] = []
+        raw.set_trace_callback(stmts.append)
+
+        def count() -> int:
+            k = len(stmts)
+            stmts.clear()
+            return k
+    background, counter.background = counter.background, False
+    try:
+        by_kind: dict[str, list] = defaultdict(list)
+        for p in plan:
+            by_kind[p[0]].append(p)
+        todo = [x for k in ("exact", "near", "new") for x in by_kind[k][:n]]
+        for i, (kind, q, v) in enumerate(todo[:10] + todo):  # the first 10: warm-up (connections, prepares)
+            scope = counter.key_for(tenant_id, FEATURE, [{"role": "system", "content": SYSTEM_PROMPT},
+                                                         {"role": "user", "content": q}], "complex")
+            count()
+            hit = counter.lookup_sync(scope, query_vector=v)
+            k = count()
+            if i >= 10:
+                counts[hit.kind if hit else "miss"].append(k)
+    finally:
+        counter.background = background
+        if pdb is not None:
+            pdb.close()
+            proxy.close()
+        else:
+            raw.set_trace_callback(None)
+    return {k: statistics.mean(v) for k, v in sorted(counts.items())}
+
+
+async def only_100k(args) -> None:
+    """``--only-100k``: the 100k fill and lookup timing alone (SQLite; PostgreSQL too with
+    ``--pg-100k``), printed, docs untouched: for iterating on the lookup."""
+    from loadbear.gateway.cache import ResponseCache
+    from loadbear.storage.db import open_database
+    from loadbear.storage.migrate import migrate
+    from loadbear.tenancy.service import TenantService
+
+    out: dict[str, Any] = {"load_before": loadavg()}
+    with tempfile.TemporaryDirectory() as tmp:
+        db = open_database(f"sqlite:///{Path(tmp) / 'cost100k.db'}")
+        try:
+            migrate(db)
+            tenant = TenantService(db).create_tenant("bench-100k", "Bench 100k", {}).id
+            cache = ResponseCache(db)
+            cache.embedder.embed(["warm up"])
+            say(f"[{time.strftime('%H:%M:%S')}] SQLite: filling {args.entries} entries into one scope")
+            rng = random.Random(5)
+            texts, vecs, fill_s = fill_100k(cache, tenant, args.entries, rng)
+            out["100k"] = await time_100k(cache, tenant, texts, vecs, rng, args.queries)
+            out["100k"]["fill_s"] = fill_s
+            cache.close()
+        finally:
+            db.close()
+    if args.pg_100k:
+        out["100k_pg"] = await pg_100k(args)
+    out["load_after"] = loadavg()
+    say(json.dumps(out, default=_json_default, indent=1))
 
 
 # ============================================================================ the run
@@ -914,10 +1100,15 @@ def main() -> None:
     ap.add_argument("--no-routing", dest="routing", action="store_false", help='skip the "auto" (routed) runs')
     ap.add_argument("--skip-100k", action="store_true")
     ap.add_argument("--pg-100k", action="store_true", help="also time the 100k lookups on PostgreSQL")
+    ap.add_argument("--only-100k", action="store_true",
+                    help="only fill --entries entries and time lookups (SQLite, and PostgreSQL with --pg-100k)")
     ap.add_argument("--analyse-only", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-docs", action="store_true")
     args = ap.parse_args()
+    if args.only_100k:
+        asyncio.run(only_100k(args))
+        return
     from loadbear.gateway.cache_text import StaticEmbedder
     from loadbear.knowledge.embeddings import MiniLMEmbedder
 
@@ -1140,11 +1331,13 @@ def render(res: dict[str, Any]) -> str:
                  f" max {t['candidates']['max']} (capped at 16). The same new-question lookups through `await "
                  f"cache.lookup` (worker-thread hop included): p50 {t['async_new']['p50']:.2f} ms, p99 "
                  f"{t['async_new']['p99']:.2f} ms.")
+        L += _transport_lines(t, "statements (BEGIN and COMMIT included)", "one statement, no BEGIN/COMMIT")
     if "100k_pg" in res:
         t = res["100k_pg"]
         L.append("")
         L.append(f"PostgreSQL, the same {t['entries']:,} entries and lookups (filled in {t['fill_s']:.0f} s), through "
-                 "`tenant_tx` (app role, row-level security): outcomes " + ", ".join(
+                 "`db.tenant_fetch` (app role, the tenant set in the read's own transaction: row-level security; "
+                 "the setting and the read pipelined, one round trip): outcomes " + ", ".join(
                      f"{k} {v}" for k, v in t["outcome"].items()) + ".")
         L.append("")
         L.append("| lookups | p50 | p99 | max |")
@@ -1155,7 +1348,23 @@ def render(res: dict[str, Any]) -> str:
         L.append("")
         L.append(f"Thread CPU p50 {t['cpu']['p50']:.2f} ms, p99 {t['cpu']['p99']:.2f} ms; through `await cache.lookup`: "
                  f"p50 {t['async_new']['p50']:.2f} ms, p99 {t['async_new']['p99']:.2f} ms.")
+        L += _transport_lines(t, "round trips to the server (BEGIN, the tenant, the read, COMMIT)",
+                              "one round trip (pipelined)")
     return "\n".join(L) + "\n"
+
+
+def _transport_lines(t: dict[str, Any], old: str, new: str) -> list[str]:
+    if "transport_ab" not in t:
+        return []
+    ab, rt = t["transport_ab"], t.get("round_trips", {})
+    trips = ", ".join(f"{k} {v:g}" for k, v in rt.items())
+    return ["", f"Per lookup on the request path, {new}: {trips}. The same lookups once more, each twice, interleaved "
+            "(same machine load), with the lookup's statement in a plain `tenant_tx` (how lookups ran before: "
+            f"{old}) and through `db.tenant_fetch`:", "",
+            "| transport | p50 | p99 | CPU p50 | CPU p99 | CPU mean |", "|---|---:|---:|---:|---:|---:|"] + [
+        f"| {name} | {ab[k]['p50']:.2f} ms | {ab[k]['p99']:.2f} ms | {ab[k]['cpu_p50']:.3f} ms | "
+        f"{ab[k]['cpu_p99']:.3f} ms | {ab[k]['cpu_mean']:.3f} ms |"
+        for k, name in (("tx", "`tenant_tx`"), ("fetch", "`tenant_fetch`"))]
 
 
 def write_docs(section: str) -> None:

@@ -246,3 +246,17 @@ def test_the_load_copies_rows_in_batches(db, monkeypatch):
             " WHERE c.tenant_id = ?", (t,)).fetchall()}
     assert len(rows) == 700 and m.rows.shape == (700, DIM) and sorted(m.seqs.tolist()) == sorted(rows)
     assert np.allclose(m.rows, x[[rows[int(s)] for s in m.seqs]], atol=1e-6)
+
+
+def test_a_copy_too_big_with_its_projection_is_kept_without_it(db):
+    t, = make_tenants(db, 1)
+    x = spectrum_vectors(600, 15)
+    rows_bytes = 600 * DIM * 4 + 600 * 8
+    store = compact_store(db, cache_max_bytes=rows_bytes + 1_000)  # the 16-dim projection adds 38 kB
+    fill(store, t, x)
+    slow = KnowledgeStore(db, cache_min_chunks=10**9)
+    q = spectrum_vectors(1, 16)[0]
+    assert [h for h, _ in store.vector_search(t, q, 10, embedding_model=MODEL)] == \
+        [h for h, _ in slow.vector_search(t, q, 10, embedding_model=MODEL)]
+    m = store.cache.get((t, DIM, MODEL))
+    assert m is not None and m.proj_t is None and m.basis is None and m.nbytes == rows_bytes

@@ -17,6 +17,7 @@ from loadbear.tenancy.service import TenantService
 
 SUMS = ("requests", "errors", "degraded", "cancelled", "cached_requests", "streamed_requests", "prompt_tokens",
         "completion_tokens", "cached_input_tokens", "cost_micro_usd", "saved_micro_usd", "latency_ms_sum")
+SPLIT = ("saved_cache_micro_usd", "saved_routing_micro_usd")  # migration 0014 (tests/test_savings_*.py)
 DAY0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 
 
@@ -142,8 +143,8 @@ def test_a_fresh_database_reports_nothing_until_rows_arrive(db):
 
 def test_fresh_schema_has_the_narrow_rollups_tuned_like_usage_daily(db):
     expected = {
-        "usage_daily_models": {"tenant_id", "day", "feature", "model", *SUMS},
-        "usage_daily_users": {"tenant_id", "day", "user_external_id", *SUMS},
+        "usage_daily_models": {"tenant_id", "day", "feature", "model", *SUMS, *SPLIT},
+        "usage_daily_users": {"tenant_id", "day", "user_external_id", *SUMS, *SPLIT},
     }
     with db.system_tx(write=False) as c:
         for table, cols in expected.items():

@@ -178,8 +178,11 @@ def test_cache_hits_by_kind(stack_factory, simulator):
     labels = dict(tenant="acme", model="gpt-4o-mini", feature="chat")
     assert value(s, "loadbear_cache_hits_total", **labels, kind="exact") == 1
     assert value(s, "loadbear_requests_total", **labels, status="ok") == 2
-    saved = sum(int(r["saved_micro_usd"]) for r in stack.rows()) / 1e6
-    assert value(s, "loadbear_saved_usd_total", **labels) == pytest.approx(saved) and saved > 0
+    rows = stack.rows()
+    saved = sum(int(r["saved_micro_usd"]) for r in rows if r["cached"]) / 1e6
+    assert value(s, "loadbear_saved_usd_total", **labels, source="cache") == pytest.approx(saved) and saved > 0
+    # An explicit model is not routed: nothing is counted as routing savings.
+    assert not any(name == "loadbear_saved_usd_total" and dict(lb).get("source") == "routing" for name, lb in s)
     # The hit made no upstream call.
     assert value(s, "loadbear_upstream_attempts_total", provider="openai", model="gpt-4o-mini", outcome="ok") == 1
 
@@ -235,19 +238,22 @@ def test_exposition_histogram_buckets_escaping_and_eval_traffic():
     m.observe(_record(latency_ms=300_000))  # past the last bound: only +Inf
     m.observe(_record(feature='we"ird\\name\n'))
     m.observe(_record(metadata={"eval_run": "r1"}))  # not product traffic
-    m.observe(_record(cached=True, cache_kind="semantic", attempts=[], cost_micro_usd=0))
+    m.observe(_record(cached=True, cache_kind="semantic", attempts=[], cost_micro_usd=0, saved_micro_usd=500))
+    m.observe(_record(latency_ms=50, saved_micro_usd=250))  # routed to a cheaper tier
     s = parse(m.render())
     chat = dict(tenant="acme", model="m", feature="chat")
     assert value(s, "loadbear_request_duration_seconds_bucket", **chat, le="0.025") == 0
-    assert value(s, "loadbear_request_duration_seconds_bucket", **chat, le="0.05") == 1
-    assert value(s, "loadbear_request_duration_seconds_bucket", **chat, le="120.0") == 2  # and the cached one
-    assert value(s, "loadbear_request_duration_seconds_bucket", **chat, le="+Inf") == 3
-    assert value(s, "loadbear_request_duration_seconds_sum", **chat) == pytest.approx(300.05 + 0.12)
-    assert value(s, "loadbear_requests_total", **chat, status="ok") == 3
+    assert value(s, "loadbear_request_duration_seconds_bucket", **chat, le="0.05") == 2
+    assert value(s, "loadbear_request_duration_seconds_bucket", **chat, le="120.0") == 3  # and the cached one
+    assert value(s, "loadbear_request_duration_seconds_bucket", **chat, le="+Inf") == 4
+    assert value(s, "loadbear_request_duration_seconds_sum", **chat) == pytest.approx(300.05 + 0.12 + 0.05)
+    assert value(s, "loadbear_requests_total", **chat, status="ok") == 4
     assert value(s, "loadbear_cache_hits_total", **chat, kind="semantic") == 1
+    assert value(s, "loadbear_saved_usd_total", **chat, source="cache") == pytest.approx(0.0005)
+    assert value(s, "loadbear_saved_usd_total", **chat, source="routing") == pytest.approx(0.00025)
     assert value(s, "loadbear_requests_total", tenant="acme", model="m", feature='we\\"ird\\\\name\\n', status="ok") == 1
     # Evaluation calls are not counted as product requests, but their upstream calls are real.
-    assert value(s, "loadbear_upstream_attempts_total", provider="openai", model="m", outcome="ok") == 4
+    assert value(s, "loadbear_upstream_attempts_total", provider="openai", model="m", outcome="ok") == 5
 
 
 def test_observe_cpu_cost():

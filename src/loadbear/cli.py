@@ -353,7 +353,7 @@ def usage(
     to: Optional[str] = typer.Option(None, "--to", help="Last day (YYYY-MM-DD); default today."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Spend and tokens for one tenant, from the daily rollups."""
+    """Spend and savings (cache, routing) side by side for one tenant, from the daily rollups."""
     from loadbear.ledger.reports import ReportError, parse_period, tenant_usage
     from loadbear.tenancy.models import TenancyError
 
@@ -372,13 +372,35 @@ def usage(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"usage for {tenant}, {report['from']} → {report['to']}, by {by}")
-    for col in (by, "requests", "errors", "tokens", "cost $", "saved $", "avg ms"):
-        table.add_column(col, justify="left" if col == by else "right")
-    for row in report["data"] + [{**report["totals"], by: "total"}]:
-        table.add_row(str(row[by] or "—"), str(row["requests"]), str(row["errors"]), str(row["total_tokens"]),
-                      f"{row['cost_usd']:.6f}", f"{row['saved_usd']:.6f}", str(row["avg_latency_ms"] or "—"))
-    Console().print(table)
+    # Two tables, so that each fits an 80-column terminal: what the traffic was, then what it
+    # cost and what loadbear saved, side by side.
+    rows = report["data"] + [{**report["totals"], by: "total"}]
+    title = f"{tenant}, {report['from']} → {report['to']}, by {by}"
+    traffic = Table(title=f"usage for {title}")
+    for col in (by, "requests", "errors", "cached", "tokens", "avg ms"):
+        traffic.add_column(col, justify="left" if col == by else "right")
+    for row in rows:
+        traffic.add_row(str(row[by] or "—"), str(row["requests"]), str(row["errors"]), str(row["cached_requests"]),
+                        str(row["total_tokens"]), str(row["avg_latency_ms"] or "—"))
+    money = Table(title=f"spend and savings for {title}",
+                  caption="saved = cache hits (the calls they replaced) + routing (vs the strong tier);"
+                          " without loadbear = spend + saved")
+    money.add_column(by, min_width=10)  # long end-user ids wrap; the numbers do not
+    for col in ("spend $", "saved\ncache $", "saved\nrouting $", "saved\ntotal $", "without\nloadbear $", "saved\n%"):
+        money.add_column(col, justify="right", no_wrap=True)  # a number never wraps mid-way
+    for row in rows:
+        pct = row["saved_pct"]
+        money.add_row(str(row[by] or "—"), *(_usd(row[c]) for c in (
+            "cost_usd", "saved_cache_usd", "saved_routing_usd", "saved_usd", "cost_without_loadbear_usd")),
+            "—" if pct is None else f"{pct:.1f}")
+    console = Console()
+    console.print(traffic)
+    console.print(money)
+
+
+def _usd(v: float) -> str:
+    # Cents are enough from a dollar up; under it, micro-dollars (a request costs a few hundred).
+    return f"{v:,.2f}" if abs(v) >= 1 else f"{v:.6f}"
 
 
 def _fetch_providers(url: str, admin_key: Optional[str]) -> list[dict]:

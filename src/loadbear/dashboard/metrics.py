@@ -1,10 +1,11 @@
 """The dashboard's aggregates: spend, tenants, reliability and cache, from the ledger.
 
-Spend, tokens and requests come from the ``usage_daily`` rollups (product traffic only; the
-same numbers as ``/v1/usage``). What the rollups do not keep (savings split by cache vs routing,
-fallbacks, latency percentiles, cache kinds) is computed from ``ai_interactions`` over the
-bounded period, through the ``(tenant_id, created_at)`` index for a tenant; evaluation traffic
-(``metadata.eval_run``) is left out there too, so the pages agree with each other.
+Spend, tokens, requests and savings (split by cache vs routing, migration 0014) come from the
+``usage_daily`` rollups (product traffic only; the same numbers as ``/v1/usage``). What the
+rollups do not keep (fallbacks, latency percentiles, cache kinds) is computed from
+``ai_interactions`` over the bounded period, through the ``(tenant_id, created_at)`` index for a
+tenant; evaluation traffic (``metadata.eval_run``) is left out there too, so the pages agree with
+each other.
 
 Money is integer micro-USD everywhere; the page formats it.
 """
@@ -81,22 +82,18 @@ def overview(db: Database, view: View, period: Period, group: str = "model") -> 
     days = period.days()
     index = {d: i for i, d in enumerate(days)}
     n = len(days)
-    raw_where, raw_params = _raw_where(db, view, period)
-    dx = day_expr(db.dialect)
     with read_tx(db, view) as c:
         rows = c.fetchall(
             f"SELECT u.day AS day, {col} AS grp, CAST(SUM(u.requests) AS BIGINT) AS requests,"
             " CAST(SUM(u.prompt_tokens) AS BIGINT) AS prompt_tokens,"
             " CAST(SUM(u.completion_tokens) AS BIGINT) AS completion_tokens,"
-            " CAST(SUM(u.cost_micro_usd) AS BIGINT) AS cost"
+            " CAST(SUM(u.cost_micro_usd) AS BIGINT) AS cost,"
+            " CAST(SUM(u.saved_cache_micro_usd) AS BIGINT) AS cache,"
+            " CAST(SUM(u.saved_routing_micro_usd) AS BIGINT) AS routing"
             f" FROM usage_daily u WHERE {where} GROUP BY u.day, {col}", params)
-        saved = c.fetchall(
-            f"SELECT {dx} AS day,"
-            " CAST(SUM(CASE WHEN i.cached THEN i.saved_micro_usd ELSE 0 END) AS BIGINT) AS cache,"
-            " CAST(SUM(CASE WHEN i.cached THEN 0 ELSE i.saved_micro_usd END) AS BIGINT) AS routing"
-            f" FROM ai_interactions i WHERE {raw_where} GROUP BY {dx}", raw_params)
     by_group: dict[str, list[int]] = {}
     requests, prompt, completion = [0] * n, [0] * n, [0] * n
+    cache_saved, routing_saved = [0] * n, [0] * n
     for r in rows:
         i = index.get(day_str(r["day"]))
         if i is None:
@@ -105,17 +102,13 @@ def overview(db: Database, view: View, period: Period, group: str = "model") -> 
         requests[i] += _i(r["requests"])
         prompt[i] += _i(r["prompt_tokens"])
         completion[i] += _i(r["completion_tokens"])
+        cache_saved[i] += _i(r["cache"])
+        routing_saved[i] += _i(r["routing"])
     ranked = sorted(by_group.items(), key=lambda kv: (-sum(kv[1]), kv[0]))
     series = [{"name": name, "values": vals} for name, vals in ranked[:MAX_SERIES]]
     if len(ranked) > MAX_SERIES:
         other = [sum(v[i] for _, v in ranked[MAX_SERIES:]) for i in range(n)]
         series.append({"name": "other", "values": other})
-    cache_saved, routing_saved = [0] * n, [0] * n
-    for r in saved:
-        i = index.get(day_str(r["day"]))
-        if i is not None:
-            cache_saved[i] = _i(r["cache"])
-            routing_saved[i] = _i(r["routing"])
     cost = [sum(s["values"][i] for s in series) for i in range(n)]
     return {
         "object": "dashboard.overview", "from": period.start.isoformat(), "to": period.end.isoformat(),

@@ -24,8 +24,10 @@ hashed with the scope, under a unique index.
 Semantic, only after an exact miss: candidates come from word-set neighbourhood keys (an indexed
 ``IN`` on ``cache_keys``, see :mod:`loadbear.gateway.cache_text`), never from a scan, so a lookup
 costs the same with 100k entries in the scope. The exact read and the candidate read are one SQL
-statement (the candidates are not read when the exact entry exists): one round trip to
-PostgreSQL inside ``tenant_tx``. Candidates then pass three gates, cheapest first:
+statement (the candidates are not read when the exact entry exists), which also carries a
+grounded entry's document versions, run through ``db.tenant_fetch``: one round trip to PostgreSQL
+(the tenant setting and the read pipelined in one implicit read-only transaction, RLS in force;
+see storage/db.py), one statement on SQLite. Candidates then pass three gates, cheapest first:
 the look-alike guard (entities, numbers, negations, contrast words must agree), a static
 bag-of-word-pieces embedding (~50 µs) that drops candidates far from the question, and only then
 the real embedding (all-MiniLM-L6-v2 by default): cosine ≥ the tenant's threshold (0.95 by
@@ -39,25 +41,26 @@ entries of changed or deleted documents, and every hit is verified again against
 invalidation can cost a hit, never serve a stale grounded answer.
 
 Writes (embedding the question, inserting the entry, its keys and documents) happen on one
-background thread, batched; ``store`` only enqueues. Hits are counted the same way, and the same
-thread deletes expired entries every ``purge_interval_s``. A failing lookup or store is logged and
+background thread, batched; ``store`` only enqueues. Hits are counted the same way (the writer
+merges the notes of an entry and writes them every ``hit_note_delay_s``), and the same thread
+deletes expired entries every ``purge_interval_s``. A failing lookup or store is logged and
 counted (``counters["errors"]``) and never fails the request: the cache is then a miss.
 
-Isolation: every statement filters on the tenant and runs in ``db.tenant_tx(tenant)``, so on
-PostgreSQL row-level security (``0008_cache``, keys revised by ``0010_cache_exact_key``) holds under the SQL; the scope hash includes the
-tenant as well, so even the keys of two tenants never coincide.
+Isolation: every statement filters on the tenant and runs in ``db.tenant_tx(tenant)`` or
+``db.tenant_fetch(tenant, ...)``, so on PostgreSQL row-level security (``0008_cache``, keys
+revised by ``0010_cache_exact_key``) holds under the SQL; the scope hash includes the tenant as
+well, so even the keys of two tenants never coincide.
+
+Values, settings and the SQL column lists live in :mod:`loadbear.gateway.cache_values`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import queue
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -65,8 +68,30 @@ import numpy as np
 import orjson
 
 from loadbear.gateway.cache_text import StaticEmbedder, guard, normalize_exact, question_keys
+from loadbear.gateway.cache_values import (
+    _CAND_COLUMNS,
+    _CAND_PLAIN,
+    _DOCS_PG,
+    _DOCS_SQLITE,
+    _HIT_COLUMNS,
+    CacheHit,
+    CachePolicy,
+    CacheScope,
+    CacheSettings,
+    _Hit,
+    _hit,
+    _msg_text,
+    _content,
+    _sha,
+    _Store,
+    _usage,
+    _uuid,
+    doc_versions_from_citations,
+    should_store,
+    stream_pieces,
+)
 from loadbear.storage.db import Conn, Database
-from loadbear.storage.values import db_time, dumps, iso, loads, utcnow, uuid7
+from loadbear.storage.values import db_time, dumps, loads, utcnow, uuid7
 
 log = logging.getLogger("loadbear.cache")
 
@@ -85,140 +110,10 @@ SCOPE_VERSION = "lbc1"
 SYSTEM_ROLES = ("system", "developer")
 
 
-# -- settings -------------------------------------------------------------------------------
-
-
-@dataclass
-class CachePolicy:
-    """What one tenant asked for. ``for_tenant`` reads optional ``TenantSettings`` fields
-    (``cache_enabled``, ``cache_semantic``, ``cache_threshold``, ``cache_degraded_threshold``,
-    ``cache_ttl_s``) and falls back to these defaults."""
-
-    enabled: bool = True
-    semantic: bool = True
-    threshold: float = 0.95
-    degraded_threshold: float = 0.85
-    ttl_s: int = 86_400
-
-    @classmethod
-    def for_tenant(cls, tenant_settings: Any) -> "CachePolicy":
-        d = cls()
-        return cls(
-            enabled=bool(getattr(tenant_settings, "cache_enabled", d.enabled)),
-            semantic=bool(getattr(tenant_settings, "cache_semantic", d.semantic)),
-            threshold=float(getattr(tenant_settings, "cache_threshold", d.threshold)),
-            degraded_threshold=float(getattr(tenant_settings, "cache_degraded_threshold", d.degraded_threshold)),
-            ttl_s=int(getattr(tenant_settings, "cache_ttl_s", d.ttl_s)),
-        )
-
-
-@dataclass
-class CacheSettings:
-    """Process-wide knobs (the defaults are what the benchmark measured)."""
-
-    # Candidates whose static (bag-of-word-pieces) cosine with the question is below this are
-    # dropped before the question is embedded with the real model (-1 turns the gate off).
-    static_gate: float = 0.80
-    # At most this many neighbourhood candidates are compared per lookup (most shared keys first),
-    # read from at most probe_rows rows of the precise keys and subst_rows of the substitution keys.
-    max_candidates: int = 16
-    probe_rows: int = 1024
-    subst_rows: int = 256
-    # Questions longer than this are cached exactly only (MiniLM reads 256 word pieces anyway).
-    semantic_max_chars: int = 2000
-    # Answers longer than this are not stored.
-    max_answer_chars: int = 100_000
-    # The degraded lookup also compares this many of the scope's most recent entries.
-    degraded_scan: int = 2000
-    # Background writer: queue bound (stores beyond it are dropped and counted) and batch size.
-    queue_max: int = 10_000
-    batch_size: int = 32
-    # The writer thread also deletes expired entries this often (0: never; call purge_expired).
-    purge_interval_s: float = 600.0
-    default_threshold: float = 0.95
-    default_degraded_threshold: float = 0.85
-    default_ttl_s: int = 86_400
-
-
-# -- values ---------------------------------------------------------------------------------
-
-
-@dataclass
-class CacheScope:
-    """Where a request's answer may come from and go to. Made by :meth:`ResponseCache.key_for`."""
-
-    tenant_id: str
-    feature: str
-    tier: str
-    scope_hash: str
-    query_text: str
-    exact_hash: str
-    entry_keys: tuple[int, ...]  # what a stored answer is filed under
-    probe_keys: tuple[int, ...]  # what a lookup reads (see cache_text.QuestionKeys)
-    subst_keys: tuple[int, ...]
-    grounded: bool
-    doc_versions: dict[str, int] | None
-    cacheable: bool = True
-    reason: str | None = None  # why not cacheable
-    # Filled by a lookup that had to embed the question; reused by ``store`` (no second embedding).
-    query_vector: np.ndarray | None = field(default=None, repr=False)
-    embedding_model: str | None = None
-
-
-@dataclass(frozen=True)
-class CacheHit:
-    entry_id: str
-    kind: str  # "exact" | "semantic"
-    similarity: float
-    text: str
-    model: str
-    cost_micro_usd: int  # what the original answer cost: the savings ledger credits it
-    prompt_tokens: int
-    completion_tokens: int
-    citations: list[dict[str, Any]] | None
-    query_text: str  # the question the entry was stored for
-    created_at: str | None = None
-    degraded: bool = False
-
-
-def should_store(status: str | None, *, finish_reason: str | None = "stop", text: str | None = "",
-                 cached: bool = False, degraded: bool = False, continued: bool = False,
-                 bypass: bool = False, error: Any = None) -> bool:
-    """Whether a finished answer may enter the cache: only complete, normal, model-made answers.
-
-    Never: errors, degraded answers, cancelled or cut streams, answers served from the cache,
-    answers spliced by a continuation after a mid-stream failure, truncated answers
-    (``finish_reason`` other than ``stop``), empty answers, or requests that said ``"cache": false``.
-    """
-    if status != "ok" or cached or degraded or continued or bypass or error is not None:
-        return False
-    if finish_reason not in ("stop", None):
-        return False
-    return bool(text and text.strip())
-
-
-def doc_versions_from_citations(citations: Iterable[Mapping[str, Any]] | None) -> dict[str, int]:
-    """``{document_id: version}`` of a grounded answer's citations (``Grounding.citations()``)."""
-    out: dict[str, int] = {}
-    for c in citations or ():
-        doc, version = c.get("document_id"), c.get("version")
-        if doc is not None and version is not None:
-            out[str(doc)] = int(version)
-    return out
-
-
-def stream_pieces(text: str, words: int = 4) -> list[str]:
-    """A cached answer cut into stream deltas of a few words (joined, they are the text again)."""
-    if not text:
-        return []
-    parts = text.split(" ")
-    return [" ".join(parts[i:i + words]) + (" " if i + words < len(parts) else "")
-            for i in range(0, len(parts), words)]
-
-
 # -- the cache ------------------------------------------------------------------------------
 
 _STOP = object()
+_FLUSH = object()  # asks the writer to write the hit notes it holds now
 
 
 class ResponseCache:
@@ -360,24 +255,20 @@ class ResponseCache:
         now = now or utcnow()
         t = self._t(now)
         semantic = semantic and bool(scope.probe_keys)
-        with self.db.tenant_tx(scope.tenant_id, write=False) as c:
-            if semantic:  # one statement: the exact entry, else the neighbourhood candidates
-                rows = self._candidates(c, scope, t, with_exact=True)
-                row = next((r for r in rows if r["exact"]), None)
-                cands = [r for r in rows if not r["exact"]]
-            else:
-                row = c.fetchone(f"SELECT {_HIT_COLUMNS} FROM cache_entries WHERE tenant_id = ? AND exact_hash = ?"
-                                 " AND expires_at > ?", (scope.tenant_id, scope.exact_hash, t))
-                cands = []
-            if row is not None:
-                if not row["grounded"] or self._docs_valid(c, scope, str(row["id"])):
-                    self.counters["exact"] += 1
-                    hit = _hit(row, "exact", 1.0)
-                    self._note_hit(scope.tenant_id, hit.entry_id, now)
-                    return hit
-                self.counters["stale_rejects"] += 1
-                if semantic:  # a stale exact entry: look at the neighbours after all
-                    cands = self._candidates(c, scope, t)
+        # One statement, one round trip (``db.tenant_fetch``): the exact entry, else the
+        # neighbourhood candidates, each with its documents' versions when grounded.
+        rows = self._candidates(scope, t, with_exact=True, neighbours=semantic)
+        row = next((r for r in rows if r["exact"]), None)
+        cands = [r for r in rows if not r["exact"]]
+        if row is not None:
+            if not row["grounded"] or self._docs_ok(scope, row["docs"]):
+                self.counters["exact"] += 1
+                hit = _hit(row, "exact", 1.0)
+                self._note_hit(scope.tenant_id, hit.entry_id, now)
+                return hit
+            self.counters["stale_rejects"] += 1
+            if semantic:  # a stale exact entry: look at the neighbours after all
+                cands = self._candidates(scope, t)
         if not semantic:
             return None
         return self._semantic(scope, query, cands, threshold, query_vector, now, degraded=False)
@@ -390,6 +281,8 @@ class ResponseCache:
         threshold = self.settings.default_degraded_threshold if threshold is None else float(threshold)
         now = now or utcnow()
         t = self._t(now)
+        # Not the hot path (every model already failed): plain transactions are fine here.
+        cands = self._candidates(scope, t) if scope.probe_keys else []
         with self.db.tenant_tx(scope.tenant_id, write=False) as c:
             row = c.fetchone(
                 f"SELECT {_HIT_COLUMNS} FROM cache_entries WHERE tenant_id = ? AND exact_hash = ? AND expires_at > ?",
@@ -398,7 +291,6 @@ class ResponseCache:
                 hit = _hit(row, "exact", 1.0, degraded=True)
                 self._note_hit(scope.tenant_id, hit.entry_id, now)
                 return hit
-            cands = self._candidates(c, scope, t) if scope.probe_keys else []
             seen = {r["id"] for r in cands}
             recent = c.fetchall(
                 f"SELECT {_CAND_PLAIN}, 0 AS n FROM cache_entries"
@@ -407,14 +299,29 @@ class ResponseCache:
             cands += [r for r in recent if r["id"] not in seen]
         return self._semantic(scope, query, cands, threshold, None, now, degraded=True, gate=False)
 
-    def _candidates(self, c: Conn, scope: CacheScope, t: Any, with_exact: bool = False) -> list[dict[str, Any]]:
+    def _candidates(self, scope: CacheScope, t: Any, with_exact: bool = False,
+                    neighbours: bool = True) -> list[dict[str, Any]]:
         """The entries sharing most neighbourhood keys with the question: an index-only aggregation
         over a bounded number of key rows, then at most ``max_candidates`` entry rows.
 
         ``with_exact``: the same statement first reads the exact entry (``exact`` = 1) and returns it
-        alone when there is one, so a lookup is one round trip to PostgreSQL either way."""
+        alone when there is one. ``neighbours`` False: the exact entry only. Either way one
+        statement through ``db.tenant_fetch``: one round trip to PostgreSQL, RLS in force. Rows of
+        grounded entries carry ``docs``: ``[document_id, version built from, current version]``."""
         st = self.settings
-        if c.dialect == "postgres":
+        pg = self.db.dialect == "postgres"
+        docs = _DOCS_PG if pg else _DOCS_SQLITE
+        exact_cte = exact_sql = ""
+        exact_params: tuple[Any, ...] = ()
+        if with_exact:
+            exact_cte = (f"x AS MATERIALIZED (SELECT {_CAND_COLUMNS}, {docs} FROM cache_entries e"
+                         " WHERE e.tenant_id = ? AND e.exact_hash = ? AND e.expires_at > ?)")
+            exact_params = (scope.tenant_id, scope.exact_hash, t)
+            exact_sql = f"SELECT 1 AS exact, {_CAND_PLAIN}, docs, 0 AS n FROM x"
+        if not neighbours:
+            rows = self.db.tenant_fetch(scope.tenant_id, f"WITH {exact_cte} {exact_sql}", exact_params)
+            return [r for r in rows if r["scope_hash"] == scope.scope_hash]
+        if pg:
             in_keys = "key = ANY(?::bigint[])"
             probe, subst = list(scope.probe_keys), list(scope.subst_keys)
         else:
@@ -422,22 +329,17 @@ class ResponseCache:
             probe, subst = dumps(list(scope.probe_keys)), dumps(list(scope.subst_keys))
         # exact_hash and the keys already include the scope: the scope is checked on the few rows
         # returned, not in SQL, so that no plan can prefer a scan of the scope's index.
-        exact_cte = exact_sql = ""
-        exact_params: tuple[Any, ...] = ()
-        if with_exact:
-            exact_cte = (f"x AS MATERIALIZED (SELECT {_CAND_PLAIN} FROM cache_entries"
-                         " WHERE tenant_id = ? AND exact_hash = ? AND expires_at > ?), ")
-            exact_params = (scope.tenant_id, scope.exact_hash, t)
-            exact_sql = f"SELECT 1 AS exact, {_CAND_PLAIN}, 0 AS n FROM x UNION ALL "
-        rows = c.fetchall(
-            f"WITH {exact_cte}m AS ("
+        rows = self.db.tenant_fetch(
+            scope.tenant_id,
+            f"WITH {exact_cte + ', ' if with_exact else ''}m AS ("
             f" SELECT p.entry_id, 2 AS w FROM (SELECT entry_id FROM cache_keys WHERE tenant_id = ? AND {in_keys}"
             " LIMIT ?) p"
             " UNION ALL"
             f" SELECT s.entry_id, 1 AS w FROM (SELECT entry_id FROM cache_keys WHERE tenant_id = ? AND {in_keys}"
             " LIMIT ?) s),"
             " top AS (SELECT entry_id, SUM(w) AS n FROM m GROUP BY entry_id ORDER BY n DESC LIMIT ?)"
-            f" {exact_sql}SELECT * FROM (SELECT 0 AS exact, {_CAND_COLUMNS}, top.n FROM top"
+            f" {exact_sql + ' UNION ALL ' if with_exact else ''}SELECT * FROM (SELECT 0 AS exact, {_CAND_COLUMNS},"
+            f" {docs}, top.n FROM top"
             " JOIN cache_entries e ON e.id = top.entry_id"
             " WHERE e.tenant_id = ? AND e.expires_at > ?"
             + (" AND NOT EXISTS (SELECT 1 FROM x)" if with_exact else "")
@@ -494,8 +396,11 @@ class ResponseCache:
                 break
             row = ok[j][0]
             if row["grounded"]:
-                with self.db.tenant_tx(scope.tenant_id, write=False) as c:
-                    valid = self._docs_valid(c, scope, str(row["id"]))
+                if "docs" in row:  # read with the candidate (the lookup's one statement)
+                    valid = self._docs_ok(scope, row["docs"])
+                else:
+                    with self.db.tenant_tx(scope.tenant_id, write=False) as c:
+                        valid = self._docs_valid(c, scope, str(row["id"]))
                 if not valid:
                     self.counters["stale_rejects"] += 1
                     continue
@@ -513,12 +418,18 @@ class ResponseCache:
             "SELECT ced.document_id, ced.version, d.version AS current FROM cache_entry_documents ced"
             " LEFT JOIN documents d ON d.id = ced.document_id AND d.tenant_id = ced.tenant_id"
             " WHERE ced.entry_id = ? AND ced.tenant_id = ?", (entry_id, scope.tenant_id))
-        if not rows:
+        return self._docs_ok(scope, [(r["document_id"], r["version"], r["current"]) for r in rows])
+
+    @staticmethod
+    def _docs_ok(scope: CacheScope, docs: Any) -> bool:
+        """``_docs_valid`` on ``[document_id, version, current]`` triples already read."""
+        docs = loads(docs) if isinstance(docs, (str, bytes)) else docs
+        if not docs:
             return False
-        for r in rows:
-            if r["current"] is None or int(r["current"]) != int(r["version"]):
+        for doc_id, version, current in docs:
+            if current is None or int(current) != int(version):
                 return False
-            if scope.doc_versions is not None and scope.doc_versions.get(str(r["document_id"])) != int(r["version"]):
+            if scope.doc_versions is not None and scope.doc_versions.get(str(doc_id)) != int(version):
                 return False
         return True
 
@@ -602,39 +513,66 @@ class ResponseCache:
                     self._thread.start()
 
     def _run(self) -> None:
-        interval = self.settings.purge_interval_s
+        st = self.settings
+        interval = st.purge_interval_s
         next_purge = time.monotonic() + interval
+        notes: dict[tuple[str, str], _Hit] = {}  # held hit notes, by entry
+        held = 0  # queue items behind them: marked done once written
+        notes_due = 0.0
         while True:
-            if interval > 0 and time.monotonic() >= next_purge:
-                next_purge = time.monotonic() + interval
+            now = time.monotonic()
+            if interval > 0 and now >= next_purge:
+                next_purge = now + interval
                 try:
                     self.purge_expired()
                 except Exception:
                     log.exception("response cache: purging expired entries failed")
+            waits = ([max(0.05, next_purge - now)] if interval > 0 else []) + ([max(0.0, notes_due - now)]
+                                                                                  if notes else [])
             try:
-                item = self._queue.get(timeout=max(0.05, next_purge - time.monotonic()) if interval > 0 else None)
+                batch = [self._queue.get(timeout=min(waits) if waits else None)]
             except queue.Empty:
-                continue
-            batch = [item]
-            while len(batch) < self.settings.batch_size:
+                batch = []
+            while batch and len(batch) < st.batch_size:
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
             stop = any(x is _STOP for x in batch)
+            for h in batch:
+                if isinstance(h, _Hit):
+                    if not notes:
+                        notes_due = time.monotonic() + st.hit_note_delay_s
+                    held += 1
+                    prev = notes.get((h.tenant_id, h.entry_id))
+                    notes[(h.tenant_id, h.entry_id)] = h if prev is None else _Hit(
+                        h.tenant_id, h.entry_id, max(prev.at, h.at), prev.n + h.n)
+            write_notes = bool(notes) and (stop or len(notes) >= st.hit_note_max or time.monotonic() >= notes_due
+                                           or any(x is _FLUSH for x in batch))
             try:
-                self._write([x for x in batch if x is not _STOP])
+                self._write([x for x in batch if isinstance(x, _Store)] + (list(notes.values()) if write_notes else []))
             except Exception:  # a cache write may fail; the request it came from has long been answered
                 log.exception("response cache: writing %d item(s) failed", len(batch))
             finally:
-                for _ in batch:
-                    self._queue.task_done()
+                for x in batch:
+                    if not isinstance(x, _Hit):
+                        self._queue.task_done()
+                if write_notes:
+                    for _ in range(held):
+                        self._queue.task_done()
+                    notes.clear()
+                    held = 0
             if stop:
                 return
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until everything queued so far is written (tests, benchmarks, shutdown)."""
         deadline = time.monotonic() + timeout
+        if self._thread is not None and self._queue.unfinished_tasks:
+            try:  # held hit notes are written now, not after hit_note_delay_s
+                self._queue.put_nowait(_FLUSH)
+            except queue.Full:
+                pass
         while self._queue.unfinished_tasks:
             if time.monotonic() > deadline:
                 return False
@@ -670,8 +608,8 @@ class ResponseCache:
                 by_tenant_h.setdefault(h.tenant_id, []).append(h)
             for tenant, group in by_tenant_h.items():
                 with self.db.tenant_tx(tenant) as c:
-                    c.executemany("UPDATE cache_entries SET hits = hits + 1, last_hit_at = ? WHERE id = ? AND tenant_id = ?",
-                                  [(self._t(h.at), h.entry_id, tenant) for h in group])
+                    c.executemany("UPDATE cache_entries SET hits = hits + ?, last_hit_at = ? WHERE id = ? AND tenant_id = ?",
+                                  [(h.n, self._t(h.at), h.entry_id, tenant) for h in group])
 
     def _embed_missing(self, stores: list["_Store"]) -> None:
         need = [s for s in stores if s.scope.entry_keys and (s.vector is None or s.vector_model != self._embedder_name())]
@@ -799,81 +737,3 @@ class ResponseCache:
 
     def _t(self, dt: datetime) -> Any:
         return db_time(self.db.dialect, dt)
-
-
-# -- internals ------------------------------------------------------------------------------
-
-_HIT_COLUMNS = ("id, answer_text, model, cost_micro_usd, prompt_tokens, completion_tokens, citations, query_text,"
-                " created_at, grounded")
-# Candidates carry what a hit needs: a semantic hit on an ungrounded entry is served without a second read.
-_CAND_PLAIN = _HIT_COLUMNS + ", scope_hash, embedding_model, embedding"
-_CAND_COLUMNS = ", ".join(f"e.{c.strip()}" for c in _CAND_PLAIN.split(","))
-
-
-@dataclass
-class _Store:
-    scope: CacheScope
-    query: str
-    answer: str
-    model: str
-    prompt_tokens: int
-    completion_tokens: int
-    cost: int
-    citations: list[dict[str, Any]] | None
-    versions: dict[str, int] | None
-    created: datetime
-    expires: datetime
-    vector: np.ndarray | None = None
-    vector_model: str | None = None
-
-
-@dataclass
-class _Hit:
-    tenant_id: str
-    entry_id: str
-    at: datetime
-
-
-def _hit(row: Mapping[str, Any], kind: str, sim: float, degraded: bool = False) -> CacheHit:
-    return CacheHit(
-        entry_id=str(row["id"]), kind=kind, similarity=round(float(sim), 6), text=row["answer_text"],
-        model=row["model"], cost_micro_usd=int(row["cost_micro_usd"]), prompt_tokens=int(row["prompt_tokens"]),
-        completion_tokens=int(row["completion_tokens"]), citations=loads(row["citations"]),
-        query_text=row["query_text"], created_at=iso(row["created_at"]), degraded=degraded,
-    )
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:32]
-
-
-def _content(m: Mapping[str, Any]) -> str:
-    c = m.get("content")
-    if isinstance(c, str):
-        return c
-    if isinstance(c, list):  # text parts
-        return "".join(p.get("text", "") for p in c if isinstance(p, Mapping))
-    return "" if c is None else str(c)
-
-
-def _msg_text(m: Mapping[str, Any]) -> list[Any]:
-    return [m.get("role"), _content(m), m.get("name")]
-
-
-def _uuid(value: Any) -> str | None:
-    try:
-        return str(uuid.UUID(str(value)))
-    except (ValueError, TypeError, AttributeError):
-        return None
-
-
-def _usage(u: Any) -> tuple[int, int]:
-    if u is None:
-        return 0, 0
-    if isinstance(u, (tuple, list)):
-        return int(u[0]), int(u[1]) if len(u) > 1 else 0
-    if isinstance(u, Mapping):
-        return int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0))
-    if isinstance(u, int):
-        return 0, int(u)
-    return int(getattr(u, "prompt_tokens", 0)), int(getattr(u, "completion_tokens", 0))

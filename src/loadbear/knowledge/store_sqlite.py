@@ -23,7 +23,7 @@ Vector search:
   each time the copy is loaded, so it never outlives the rows it was fitted on). A query scans
   the projection first and re-scores the best ``compact_candidates`` rows exactly on the float32
   rows: the exact scan of 100k x 384 floats reads 150 MB per query and is memory-bound, the
-  projection reads a third of that. This pass is approximate (recall@10 0.9997–1.0 measured on
+  projection reads a third of that. This pass is approximate (recall@10 0.999–1.0 measured on
   MiniLM vectors of real text, see docs/benchmarks.md); every other path is exact.
 """
 
@@ -34,7 +34,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -107,6 +107,10 @@ class VectorCache:
             return m
 
     def put(self, key: tuple, m: _Matrix) -> None:
+        if m.nbytes > self.max_bytes and m.proj_t is not None:
+            # Rows that fit the budget only without their projection keep the exact scan rather
+            # than fall back to vec0 for good.
+            m = replace(m, basis=None, proj_t=None, explained=1.0)
         with self._lock:
             old = self._items.get(key)
             if old is not None and old.version > m.version:
@@ -375,6 +379,7 @@ class SQLiteKnowledgeStore(KnowledgeStore):
             seqs[i:j] = [r[0] for r in batch]
             mat[i:j] = np.frombuffer(b"".join(r[1] for r in batch), dtype=np.float32).reshape(len(batch), dim)
             i = j
+        cur.close()
         return _make_matrix(version, seqs[:i], mat[:i], self.compact_min_chunks, self.compact_dims)
 
     def _refresh_later(self, key: tuple) -> None:

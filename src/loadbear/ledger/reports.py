@@ -1,4 +1,11 @@
-"""Usage reports. They read the daily rollups, never a scan of raw ledger rows."""
+"""Usage reports. They read the daily rollups, never a scan of raw ledger rows.
+
+Every group and the totals show spend and savings side by side: ``cost_micro_usd`` (what was
+spent), ``saved_micro_usd`` (what loadbear saved) split into ``saved_cache_micro_usd`` (cache
+hits: the calls they replaced) and ``saved_routing_micro_usd`` (routed requests: the difference
+to the strong tier), and ``cost_without_loadbear_micro_usd`` (spend + savings: what the same
+traffic would have cost without cache and routing), each also in USD.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ ADMIN_GROUPS = {**GROUPS, "tenant": "slug"}
 _SUMS = (
     "requests", "errors", "degraded", "cancelled", "cached_requests", "streamed_requests",
     "prompt_tokens", "completion_tokens", "cached_input_tokens", "cost_micro_usd",
-    "saved_micro_usd", "latency_ms_sum",
+    "saved_micro_usd", "latency_ms_sum", "saved_cache_micro_usd", "saved_routing_micro_usd",
 )
 # BIGINT: PostgreSQL sums BIGINT columns as NUMERIC, which would come back as Decimal objects.
 _SELECT_SUMS = ", ".join(f"CAST(SUM(u.{c}) AS BIGINT) AS {c}" for c in _SUMS)
@@ -145,9 +152,16 @@ def _shape(groups: dict[Any, list[int]], group_by: str, start: date, end: date) 
     }
 
 
+_USD = tuple((f"{c}_usd", f"{c}_micro_usd") for c in ("cost", "saved", "saved_cache", "saved_routing",
+                                                       "cost_without_loadbear"))
+
+
 def _with_derived(item: dict[str, Any]) -> dict[str, Any]:
-    item["cost_usd"] = round(item["cost_micro_usd"] / 1_000_000, 6)
-    item["saved_usd"] = round(item["saved_micro_usd"] / 1_000_000, 6)
+    item["cost_without_loadbear_micro_usd"] = item["cost_micro_usd"] + item["saved_micro_usd"]
+    for usd, micro in _USD:
+        item[usd] = round(item[micro] / 1_000_000, 6)
+    without = item["cost_without_loadbear_micro_usd"]
+    item["saved_pct"] = round(100 * item["saved_micro_usd"] / without, 1) if without else None
     item["total_tokens"] = item["prompt_tokens"] + item["completion_tokens"]
     item["avg_latency_ms"] = round(item["latency_ms_sum"] / item["requests"], 1) if item["requests"] else None
     return item

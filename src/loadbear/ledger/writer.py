@@ -74,6 +74,9 @@ _ROLLUP_SUMS = (
     "requests", "errors", "degraded", "cancelled", "cached_requests", "streamed_requests",
     "prompt_tokens", "completion_tokens", "cached_input_tokens", "cost_micro_usd",
     "saved_micro_usd", "latency_ms_sum",
+    # saved_micro_usd split by where it came from (migration 0014): a cache hit saves the call it
+    # replaced, an uncached routed answer the difference to the strong tier. The two add up to it.
+    "saved_cache_micro_usd", "saved_routing_micro_usd",
 )
 
 # The same sums in narrower rollups that the usage reports read (migration 0012): without the
@@ -651,12 +654,13 @@ def _build_rows_unchecked(batch: list[InteractionRecord], known_users: set[str])
         key = (tid, created[:10], r.feature, r.model, ext or "")
         s = sums.get(key)
         status = r.status
+        saved = r.saved_micro_usd
         if s is None:
             sums[key] = [
                 1, int(status == "error"), int(status == "degraded"), int(status == "cancelled"),
                 int(r.cached), int(r.streamed),
                 r.prompt_tokens, r.completion_tokens, r.cached_input_tokens, r.cost_micro_usd,
-                r.saved_micro_usd, r.latency_ms,
+                saved, r.latency_ms, saved if r.cached else 0, 0 if r.cached else saved,
             ]
         else:
             s[0] += 1
@@ -669,8 +673,10 @@ def _build_rows_unchecked(batch: list[InteractionRecord], known_users: set[str])
             s[7] += r.completion_tokens
             s[8] += r.cached_input_tokens
             s[9] += r.cost_micro_usd
-            s[10] += r.saved_micro_usd
+            s[10] += saved
             s[11] += r.latency_ms
+            if saved:
+                s[12 if r.cached else 13] += saved
     # Sorted keys: concurrent writers take the rollup rows' locks in the same order.
     rollups = [k + tuple(sums[k]) for k in sorted(sums)]
     return users, rows, attempts, rollups, _regroup(rollups, (0, 1, 2, 3)), _regroup(rollups, (0, 1, 4))

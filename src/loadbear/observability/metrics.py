@@ -80,7 +80,7 @@ class Histogram:
 class _Series:
     """Everything counted for one (tenant, model, feature)."""
 
-    __slots__ = ("requests", "input_tokens", "output_tokens", "cached_input_tokens", "cost", "saved",
+    __slots__ = ("requests", "input_tokens", "output_tokens", "cached_input_tokens", "cost", "saved_cache", "saved_routing",
                  "cache_hits", "fallbacks", "degraded", "errors", "latency", "ttft")
 
     def __init__(self) -> None:
@@ -89,7 +89,8 @@ class _Series:
         self.output_tokens = 0
         self.cached_input_tokens = 0
         self.cost = 0  # micro-USD, like the ledger
-        self.saved = 0
+        self.saved_cache = 0  # micro-USD saved by answering from the response cache
+        self.saved_routing = 0  # micro-USD saved by routing to a cheaper tier
         self.cache_hits: dict[str, int] = {}
         self.fallbacks = 0
         self.degraded = 0
@@ -101,7 +102,8 @@ class _Series:
         s = _Series()
         s.requests = list(self.requests)
         s.input_tokens, s.output_tokens, s.cached_input_tokens = self.input_tokens, self.output_tokens, self.cached_input_tokens
-        s.cost, s.saved, s.fallbacks, s.degraded = self.cost, self.saved, self.fallbacks, self.degraded
+        s.cost, s.fallbacks, s.degraded = self.cost, self.fallbacks, self.degraded
+        s.saved_cache, s.saved_routing = self.saved_cache, self.saved_routing
         s.cache_hits, s.errors = dict(self.cache_hits), dict(self.errors)
         s.latency, s.ttft = self.latency.copy(), self.ttft.copy()
         return s
@@ -156,7 +158,11 @@ class Metrics:
                 s.output_tokens += rec.completion_tokens
                 s.cached_input_tokens += rec.cached_input_tokens
                 s.cost += rec.cost_micro_usd
-                s.saved += rec.saved_micro_usd
+                # Split like the usage rollups: a cached row's saving is the cache's, any other routing's.
+                if rec.cached:
+                    s.saved_cache += rec.saved_micro_usd
+                else:
+                    s.saved_routing += rec.saved_micro_usd
                 if rec.cached:
                     kind = self._cache_kinds(rec.cache_kind or "exact")
                     s.cache_hits[kind] = s.cache_hits.get(kind, 0) + 1
@@ -222,8 +228,10 @@ class Metrics:
             per_series(lambda s: s.output_tokens))
         fam("loadbear_cost_usd_total", "counter", "Estimated upstream cost in USD (the ledger's cost).",
             per_series(lambda s: s.cost / 1_000_000))
-        fam("loadbear_saved_usd_total", "counter", "Estimated USD saved by routing and the response cache.",
-            per_series(lambda s: s.saved / 1_000_000))
+        fam("loadbear_saved_usd_total", "counter",
+            "Estimated USD saved, by source: the response cache (the call a hit replaced) or routing (vs the strong tier).",
+            [("", (*zip(lbl, k), ("source", src)), v / 1_000_000) for k, s in sorted(series.items())
+             for src, v in (("cache", s.saved_cache), ("routing", s.saved_routing)) if v])
         fam("loadbear_cache_hits_total", "counter", "Answers served from the response cache, by kind.",
             [("", (*zip(lbl, k), ("kind", kind)), n) for k, s in sorted(series.items())
              for kind, n in sorted(s.cache_hits.items())])

@@ -93,6 +93,17 @@ class Database:
     def close(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def tenant_fetch(self, tenant_id: str, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        """One read-only statement of tenant work, in a transaction of its own: the rows
+        (PostgreSQL refuses a write in it; on SQLite, as everywhere there, the caller's filter is
+        the boundary).
+
+        The same isolation as ``tenant_tx`` (on PostgreSQL: the app role, the tenant set in that
+        transaction, RLS), for hot-path reads that need nothing else in the transaction; the
+        backends override it to save round trips."""
+        with self.tenant_tx(tenant_id, write=False) as c:
+            return c.fetchall(sql, params)
+
     def ping(self) -> bool:
         try:
             with self.system_tx() as c:
@@ -154,6 +165,11 @@ class SQLiteDatabase(Database):
 
     def tenant_tx(self, tenant_id: str, write: bool = True) -> Any:
         return self._tx(write)
+
+    def tenant_fetch(self, tenant_id: str, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        # A lone statement in autocommit mode is its own read transaction (one snapshot):
+        # BEGIN and COMMIT around it would only add two statements.
+        return Conn(self._conn(), "sqlite").fetchall(sql, params)
 
     def system_tx(self, write: bool = True) -> Any:
         return self._tx(write)
@@ -219,6 +235,18 @@ SELECT current_user AS login,
 # so one left behind by an earlier transaction (of any tenant) could shadow a real table and
 # capture the next tenant's rows; loadbear never creates any, so such a connection is dropped.
 _SET_TENANT = "SELECT pg_my_temp_schema() <> 0 FROM set_config('loadbear.tenant_id', %s, true)"
+
+
+# ``_SET_TENANT`` for a pipelined read (``tenant_fetch``): the client sees the temporary-object
+# flag only after the whole pipeline ran, so here the server itself must stop before the read is
+# parsed (a temporary table would be resolved then). The cast of a text that is not a number
+# fails, aborting the pipeline; it is not constant (pg_my_temp_schema() is stable), so the planner
+# cannot fold it and fail on a clean connection. The transaction is also made read-only: the
+# shortcut is for reads, and the server holds it to that.
+_SET_TENANT_OR_FAIL = ("SELECT CASE WHEN pg_my_temp_schema() <> 0 THEN"
+                       " ('loadbear: temporary objects in this session, schema ' || pg_my_temp_schema())::int END"
+                       " FROM set_config('loadbear.tenant_id', %s, true) t,"
+                       " set_config('transaction_read_only', 'on', true) r")
 
 
 class PostgresDatabase(Database):
@@ -326,6 +354,53 @@ class PostgresDatabase(Database):
 
     def tenant_tx(self, tenant_id: str, write: bool = True) -> Any:
         return self._tx(True, str(tenant_id))
+
+    def tenant_fetch(self, tenant_id: str, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        """One round trip instead of four: the tenant setting and the read are pipelined and sent
+        with one Sync, on an app-role connection in autocommit mode, and no BEGIN or COMMIT.
+
+        Why the tenant still holds: in the extended protocol every statement up to a Sync runs in
+        ONE implicit transaction (PostgreSQL's protocol docs, "Pipelining"; the server commits
+        only at the Sync), so ``set_config(..., is_local => true)`` covers the read that follows
+        it on the same connection and ends with that transaction; the server runs the pipeline in
+        order and, after an error, skips everything up to the Sync, so the read never runs
+        without the tenant or on a session with temporary objects (``_SET_TENANT_OR_FAIL``
+        fails first). Only for one read (the transaction is read-only): a write or a second
+        statement needs ``tenant_tx``."""
+        import psycopg
+
+        query = _QMARK.sub("%s", sql)
+        args = tuple(params)
+        tenant_id = str(tenant_id)
+        tries = 0
+        pool = self.app_pool
+        while True:
+            with pool.connection() as conn:
+                try:
+                    conn.autocommit = True  # client-side only: the connection is idle here
+                    try:
+                        with conn.pipeline():
+                            conn.execute(_SET_TENANT_OR_FAIL, (tenant_id,))
+                            cur = conn.execute(query, args) if args else conn.execute(sql)
+                    finally:
+                        try:
+                            conn.autocommit = False
+                        except psycopg.Error:  # broken, or not idle: never back into the pool
+                            conn.close()
+                    cols = [d[0] for d in cur.description]
+                    return [dict(zip(cols, r)) for r in cur.fetchall()]
+                except psycopg.errors.InvalidTextRepresentation as exc:
+                    if "loadbear: temporary objects" not in str(exc):
+                        raise
+                    conn.close()  # the pool drops a closed connection instead of reusing it
+                    tries += 1
+                    if tries > pool.max_size:
+                        raise AppRoleError("no clean application connection available") from exc
+                except psycopg.OperationalError:
+                    # A pooled connection the server dropped: as in ``_tx``, take another one.
+                    tries += 1
+                    if not conn.broken or tries > pool.max_size:
+                        raise
 
     def app_tx(self, write: bool = True) -> Any:
         return self._tx(True, "")
