@@ -717,7 +717,12 @@ def markdown(result: dict[str, Any]) -> str:
             f"{fmt(r['server_share_pct'], 0)} | {fmt(r['cpu_ceiling_rps'])} |"
         )
     shares = [r["server_share_pct"] for r in result["summary"]["overhead"] if r.get("server_share_pct") is not None]
-    if shares and min(shares) < 80:
+    foreign = max((p["server_core_foreign_pct"] for p in result["phases"] if p["target"] == "loadbear"), default=0)
+    if shares and min(shares) < 80 and foreign < 10:
+        lines += ["", f"**Idle, not contended:** other processes used at most {foreign:.0f}% of loadbear's core in "
+                      "this run. Where loadbear's core was less than fully busy (concurrency 1), it was waiting on "
+                      "the simulator and the load generator, which share the other core."]
+    elif shares and min(shares) < 80:
         lines += ["", f"**Contention:** in this run loadbear got only {min(shares):.0f}-{max(shares):.0f}% of its core "
                       "(other processes on the shared machine used the rest, see \"others\" above), and its "
                       "simulator and load generator shared their core the same way. Latency, time to first byte and "

@@ -281,3 +281,19 @@ async def test_held_hit_notes_are_written_after_the_delay_and_at_close(db):
     assert await slow.lookup(slow.key_for(acme, "helpdesk", conv(Q), "simple")) is not None
     slow.close()  # writes what it holds
     assert _hits(db, acme) == 4
+
+
+@pg
+def test_tenant_fetch_replaces_connections_the_server_dropped(pg_url):
+    import psycopg
+
+    db = open_database(pg_url, pool_size=2)
+    try:
+        acme = TenantService(db).create_tenant("acme", "Acme", {}).id
+        assert db.tenant_fetch(acme, "SELECT 1 AS n") == [{"n": 1}]
+        with psycopg.connect(pg_url, autocommit=True) as admin:  # a server restart, as the pool sees it
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                          " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        assert [str(r["id"]) for r in db.tenant_fetch(acme, "SELECT id FROM tenants")] == [acme]
+    finally:
+        db.close()

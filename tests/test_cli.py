@@ -117,7 +117,7 @@ def test_simulate_command_serves(tmp_path: Path):
         proc.wait(10)
 
 
-def test_setup_demo_is_callable_from_python(tmp_path: Path, monkeypatch):
+def test_setup_demo_is_callable_from_python(tmp_path: Path, monkeypatch, capsys):
     """`loadbear run` calls the demo set-up directly: it must not depend on Typer's defaults."""
     from loadbear.cli import setup_demo
 
@@ -127,3 +127,13 @@ def test_setup_demo_is_callable_from_python(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("LOADBEAR_DATABASE_URL", f"sqlite:///{tmp_path / 'py.db'}")
     setup_demo("demo", str(docs))
     setup_demo()  # the defaults are plain values too (a missing folder is simply skipped)
+    out = capsys.readouterr().out
+    assert "Dashboard: http://" in out and "/dashboard" in out
+    from loadbear import Gateway, Settings
+
+    gw = Gateway(Settings.load())
+    try:
+        # The demo shows the response cache at work; other tenants opt in.
+        assert gw.tenants.get_tenant("demo").settings.cache_enabled is True
+    finally:
+        gw.close()

@@ -136,6 +136,7 @@ def setup_demo(slug: str = "demo", docs: str = DEMO_DOCS) -> None:
         "\"messages\": [{\"role\": \"user\", \"content\": \"How long do I have to ask for a refund?\"}]}'\n"
     )
     typer.echo(f"  # or with the openai SDK: OpenAI(base_url='{base}/v1', api_key='{key}')\n")
+    typer.echo(f"Dashboard: {base}/dashboard (sign in with this key)\n")
 
 
 @app.command()

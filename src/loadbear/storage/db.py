@@ -397,9 +397,10 @@ class PostgresDatabase(Database):
                     if tries > pool.max_size:
                         raise AppRoleError("no clean application connection available") from exc
                 except psycopg.OperationalError:
-                    # A pooled connection the server dropped: as in ``_tx``, take another one.
+                    # A pooled connection the server dropped: as in ``_tx``, take another one (a
+                    # read-only statement may safely run again). ``closed``: closed just above.
                     tries += 1
-                    if not conn.broken or tries > pool.max_size:
+                    if not (conn.broken or conn.closed) or tries > pool.max_size:
                         raise
 
     def app_tx(self, write: bool = True) -> Any:
