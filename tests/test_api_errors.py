@@ -62,6 +62,10 @@ def no_rows(stack):
         (b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "n": 2}', "unsupported_value", "n"),
         (b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "stop": [1]}', "invalid_type", "stop"),
         (b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "metadata": {"feature": ""}}', "invalid_type", "metadata.feature"),
+        # Keys loadbear writes itself: a client setting them could hide its spend from the usage
+        # rollups (eval traffic is kept out of them) or forge the reliability numbers.
+        (b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "metadata": {"eval_run": "r1"}}', "reserved_metadata_key", "metadata.eval_run"),
+        (b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "metadata": {"skipped": "gpt-4o"}}', "reserved_metadata_key", "metadata.skipped"),
     ],
 )
 def test_malformed_requests(stack, simulator, raw, code, param):
@@ -133,8 +137,12 @@ def test_body_over_limit(stack_factory, simulator):
 
 def test_unknown_model(stack, simulator):
     r = post(stack, {"model": "gpt-9", "messages": MSG})
-    err = assert_error(r, 404, "model_not_found", "model")
+    err = assert_error(r, 404, "model_not_found", "model", "invalid_request_error")
     assert "gpt-9" in err["message"]
+    # the same answer when a stream is asked for: refused before any event is sent
+    r = post(stack, {"model": "gpt-9", "messages": MSG, "stream": True})
+    assert r.headers["content-type"].startswith("application/json")
+    assert_error(r, 404, "model_not_found", "model", "invalid_request_error")
     with pytest.raises(openai.NotFoundError):
         stack.openai().chat.completions.create(model="gpt-9", messages=MSG)
     no_rows(stack)
@@ -153,19 +161,22 @@ def test_model_not_allowed_for_tenant(stack_factory, simulator):
 def test_upstream_context_length_is_the_clients_400(stack, simulator):
     simulator.script([Fault("context_length")])
     r = post(stack, {"model": "gpt-4o-mini", "messages": MSG})
-    err = assert_error(r, 400, "context_length_exceeded")
+    err = assert_error(r, 400, "context_length_exceeded", None, "invalid_request_error")
     assert "context" in err["message"].lower()
     assert len(simulator.requests) == 1, "a request fault must not burn through the chain"
     row = stack.rows()[0]
     assert row["status"] == "error" and row["error_type"] == "context_length" and row["attempt_count"] == 1
+    assert r.headers["x-loadbear-interaction-id"] == str(row["id"]), "the refusal names its ledger row"
 
 
 def test_upstream_bad_request_stream(stack, simulator):
     simulator.script([Fault("bad_request")])
     r = post(stack, {"model": "gpt-4o-mini", "messages": MSG, "stream": True})
-    assert_error(r, 400, "invalid_request")
+    assert_error(r, 400, "invalid_request", None, "invalid_request_error")
+    assert r.headers["content-type"].startswith("application/json")
     row = stack.rows()[0]
     assert row["status"] == "error" and row["streamed"] and row["error_type"] == "bad_request"
+    assert r.headers["x-loadbear-interaction-id"] == str(row["id"])
 
 
 def test_upstream_500_then_fallback_is_invisible(stack, simulator):

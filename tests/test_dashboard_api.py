@@ -4,6 +4,7 @@ bad input. A real server (``Stack``) seeded through the real ledger writer."""
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import timedelta
 
 import httpx
@@ -85,7 +86,12 @@ def _raw(dash: Dash, slug: str | None, extra: str = "", params=()):
         args.append(dash.tid(slug))
     rows = dash.sql(f"SELECT i.*, CAST(i.tenant_id AS TEXT) AS tid FROM ai_interactions i WHERE {where} {extra}",
                     [*args, *params])
-    return [r for r in rows if "eval_run" not in (r["metadata"] if isinstance(r["metadata"], dict) else {})]
+    return [r for r in rows if "eval_run" not in _meta(r)]
+
+
+def _meta(row) -> dict:
+    m = row["metadata"]
+    return json.loads(m) if isinstance(m, str) else (m or {})
 
 
 def _usage(dash: Dash, slug: str | None):
@@ -218,7 +224,8 @@ def test_reliability_matches_ledger(dash):
     assert t["errors"] == sum(1 for r in raw if r["status"] == "error") > 0
     assert t["degraded"] == sum(1 for r in raw if r["status"] == "degraded") > 0
     first = {str(a["interaction_id"]): a["model"] for a in dash.sql("SELECT * FROM ai_attempts WHERE attempt_no = 1")}
-    fallbacks = [r for r in raw if r["status"] == "ok" and r["attempt_count"] > 1 and first.get(str(r["id"])) != r["model"]]
+    fallbacks = [r for r in raw if r["status"] == "ok" and (
+        (r["attempt_count"] > 1 and first.get(str(r["id"])) != r["model"]) or "skipped" in _meta(r))]
     assert t["fallbacks"] == len(fallbacks) > 0
     assert t["error_rate"] == round(t["errors"] / t["requests"], 4)
     timed = sorted(r["latency_ms"] for r in raw if r["status"] in ("ok", "degraded") and not r["cached"])
@@ -228,6 +235,30 @@ def test_reliability_matches_ledger(dash):
     models = {m["model"]: m for m in rel["models"]}
     assert models["gpt-4o"]["breaker"] == "open" and models["gpt-4o-mini"]["breaker"] == "closed"
     assert models["gpt-4o"]["requests"] == sum(1 for r in raw if r["model"] == "gpt-4o")
+
+
+def test_breaker_skip_counts_as_a_fallback_like_metrics(dash):
+    """An answer from the fallback because the first choice's breaker was open (one attempt, the
+    skip noted in the row's metadata) is a fallback on the dashboard, as in /metrics."""
+    gw = dash.stack.gateway
+    before = dash.ok("reliability", tenant="initech", **dash.period)["totals"]
+    key = gw.tenants.create_key("initech", "chat", ["chat"])[1]
+    for _ in range(gw.breakers.threshold):
+        asyncio.run(gw.breakers.record(breaker_key(gw.catalog.get("gpt-4o")), False, 10))
+    try:
+        out = dash.stack.openai(key).chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "Is the provider down?"}])
+    finally:
+        gw.breakers.reset()
+    gw.ledger.flush(10)
+    assert out.model == "gpt-4o-mini"
+    [row] = dash.sql("SELECT * FROM ai_interactions WHERE CAST(id AS TEXT) = ?", (out.id,))
+    assert row["attempt_count"] == 1 and _meta(row)["skipped"] == ["gpt-4o"]
+    after = dash.ok("reliability", tenant="initech", **dash.period)["totals"]
+    assert after["requests"] == before["requests"] + 1
+    assert after["fallbacks"] == before["fallbacks"] + 1
+    metrics = httpx.get(dash.stack.url + "/metrics", headers={"Authorization": f"Bearer {dash.stack.admin_key}"}).text
+    assert 'loadbear_fallbacks_total{tenant="initech",model="gpt-4o-mini",feature="chat"} 1' in metrics
 
 
 def test_percentile_nearest_rank():

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Stack, sim_models
+from loadbear.dashboard.metrics import percentile
 from loadbear.dashboard.seed import SeedPlan, seed_eval_runs, seed_history
 from loadbear.gateway.breaker import breaker_key
 from loadbear.storage.values import utcnow
@@ -111,6 +112,9 @@ class Seeded:
             where += " AND tenant_id = ?"
             args.append(self.tenants[slug].id)
         return self.sql(f"SELECT * FROM ai_interactions WHERE {where}", args)
+
+    def user_id(self, external_id: str):
+        return self.sql("SELECT id FROM users WHERE external_id = ?", (external_id,))[0]["id"]
 
     def close(self) -> None:
         self.stack.close()
@@ -209,6 +213,8 @@ def test_admin_walks_every_page(open_dashboard, seeded, shots):
     assert kpi(page, "saved-cache") == (str(cache_saved), usd(cache_saved))
     routing = sum(r["saved_micro_usd"] for r in raw if not r["cached"])
     assert kpi(page, "saved-routing")[0] == str(routing)
+    tokens = sum(r["prompt_tokens"] + r["completion_tokens"] for r in usage)
+    assert kpi(page, "tokens")[0] == str(tokens) and tokens > 0
     models = {r["model"] for r in usage}
     legend = page.locator("#spend-chart .legend-item").all_inner_texts()
     assert set(legend) == models
@@ -229,6 +235,16 @@ def test_admin_walks_every_page(open_dashboard, seeded, shots):
     expect(page.locator("table[data-table='tenants'] tr[data-id='initech']")).to_contain_text("no budget")
     expect(page.locator("table[data-table='tenants'] tr[data-id='acme']")).to_contain_text("of $5.00")
     assert page.locator("[data-tenant-card]").count() == 3
+    # Top features and users by cost, as the rollups rank them.
+    for table_name, col in (("features", "feature"), ("users", "user_external_id")):
+        cost_by: dict[str, int] = {}
+        for r in seeded.usage("acme"):
+            if r[col]:
+                cost_by[r[col]] = cost_by.get(r[col], 0) + r["cost_micro_usd"]
+        top = sorted(cost_by.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+        shown = [row.locator("td").all_inner_texts() for row in
+                 page.locator(f"[data-tenant-card='acme'] table[data-table='{table_name}'] tbody tr").all()]
+        assert [(cells[0], cells[2]) for cells in shown] == [(name, usd(c)) for name, c in top], table_name
     page.screenshot(path=str(shots / "tenants.png"), full_page=True)
 
     # Reliability: rates and the open breaker.
@@ -240,6 +256,10 @@ def test_admin_walks_every_page(open_dashboard, seeded, shots):
     assert float(kpi(page, "degraded-rate")[0]) == round(degraded / len(raw), 4)
     expect(page.locator("[data-breaker='gpt-4o']")).to_have_text("open")
     expect(page.locator("[data-breaker='gpt-4o-mini']")).to_have_text("closed")
+    # Percentiles of uncached answers (a cache hit made no upstream call).
+    timed = [r for r in raw if r["status"] in ("ok", "degraded") and not r["cached"]]
+    assert kpi(page, "latency-p50")[0] == str(percentile(sorted(r["latency_ms"] for r in timed), 50))
+    assert kpi(page, "ttft-p50")[0] == str(percentile(sorted(r["ttft_ms"] for r in timed if r["ttft_ms"] is not None), 50))
     assert page.locator("#latency-chart path.line").count() == 2
     page.screenshot(path=str(shots / "reliability.png"), full_page=True)
 
@@ -259,6 +279,13 @@ def test_admin_walks_every_page(open_dashboard, seeded, shots):
     expect(page.locator("[data-flips='regressions']")).to_contain_text("case-03")
     expect(page.locator("[data-run='a']")).to_contain_text("baseline")
     expect(page.locator("[data-run='b']")).to_contain_text("rerank-v2")
+    base, new = seeded.runs
+    metric_rows = {cells[0]: cells for cells in (row.locator("td").all_inner_texts() for row in
+                   page.locator("table[data-table='compare-metrics'] tbody tr").all())}
+    for name in ("pass_rate", "retrieval.recall@5"):
+        a, b = base["summary"]["metrics"][name], new["summary"]["metrics"][name]
+        assert float(metric_rows[name][1]) == pytest.approx(a, abs=5e-5), name
+        assert float(metric_rows[name][2]) == pytest.approx(b, abs=5e-5), name
     page.screenshot(path=str(shots / "evals.png"), full_page=True)
     assert page.errors == []
 
@@ -291,6 +318,22 @@ def test_interactions_filters_and_detail(open_dashboard, seeded, shots):
     assert rows.count() == min(25, sum(1 for r in acme if r["cached"]))
     page.click("#clear-filters")
     wait_page(page, "interactions")
+    page.select_option("select[data-filter='user']", "acm-user-01")
+    wait_page(page, "interactions")
+    assert rows.count() == min(25, sum(1 for r in acme if r["user_id"] == seeded.user_id("acm-user-01"))) > 0
+    assert all("acm-user-01" in t for t in rows.all_inner_texts())
+    page.click("#clear-filters")
+    wait_page(page, "interactions")
+    # A one-day window with the date inputs.
+    day = (seeded.end - timedelta(days=3)).isoformat()
+    for name in ("from", "to"):
+        page.fill(f"input[data-filter='{name}']", day)
+        wait_page(page, "interactions")
+    assert rows.count() == min(25, sum(1 for r in acme if r["created_at"][:10] == day)) > 0
+    assert all(t.startswith(day) for t in page.locator(
+        "table[data-table='interactions'] tbody tr td:first-child").all_inner_texts())
+    page.click("#clear-filters")
+    wait_page(page, "interactions")
 
     # A fallback: two attempts, the cost of the one that answered.
     fb = next(r for r in acme if r["attempt_count"] == 2 and r["status"] == "ok" and r["retrieved_chunk_ids"] is None)
@@ -301,6 +344,9 @@ def test_interactions_filters_and_detail(open_dashboard, seeded, shots):
     assert page.locator("table[data-table='attempts'] tbody tr").count() == 2
     assert kpi(page, "detail-cost") == (str(fb["cost_micro_usd"]), usd(fb["cost_micro_usd"]))
     expect(page.locator("#prompt-text")).to_have_text(fb["prompt_text"])
+    expect(page.locator("#response-text")).to_have_text(fb["response_text"])
+    assert kpi(page, "detail-latency")[0] == str(fb["latency_ms"])
+    assert kpi(page, "detail-tokens")[0] == str(fb["prompt_tokens"] + fb["completion_tokens"])
 
     # Opening a row from the list: a grounded answer with its sources and feedback.
     grounded = seeded.sql("SELECT i.id, i.feature FROM ai_interactions i JOIN feedback f ON f.interaction_id = i.id"

@@ -110,6 +110,9 @@ def test_replace_by_external_id_and_pagination(kb):
     assert sorted(seen) == sorted(ids) and len(seen) == 5
     bad = httpx.get(kb.url + "/v1/documents", headers=_h(kb), params={"limit": 500})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "limit"
+    bad = httpx.get(kb.url + "/v1/documents", headers=_h(kb), params={"after": "page-2"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "after"
+    assert bad.json()["error"]["code"] == "invalid_value"
     hits = httpx.post(kb.url + "/v1/knowledge/query", headers=_h(kb), json={"query": "zebras", "top_k": 3}, timeout=60).json()
     assert hits["data"][0]["document"]["id"] == ids[2] and hits["data"][0]["document"]["version"] == 2
     assert "topic 2" not in json.dumps(hits), "the old version's chunks are gone"
@@ -213,3 +216,198 @@ def test_grounding_by_feature_default_and_bad_knowledge_param(stack_factory, sim
     r = httpx.post(s.url + "/v1/chat/completions", headers=_h(s), json={
         "model": "local", "messages": [{"role": "user", "content": "x"}], "knowledge": {"top_k": 99}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "knowledge.top_k"
+
+
+def test_reranking_hook_orders_api_queries_and_grounded_chat(kb):
+    ids = {}
+    for key, text in [("a", "Refunds are issued within 14 days."), ("b", "Refund requests need an order number."),
+                      ("c", "Refunds for annual plans are prorated.")]:
+        r = httpx.post(kb.url + "/v1/documents", headers=_h(kb), timeout=60,
+                       json={"title": f"Refunds {key}", "text": text, "external_id": key})
+        ids[r.json()["id"]] = key
+    seen = []
+
+    def rerank(query, chunks):
+        seen.append((query, len(chunks)))
+        # a deliberately unnatural order (by external id, descending) that fusion would never give
+        out = sorted(chunks, key=lambda c: c.external_id, reverse=True)[:2]
+        for i, c in enumerate(out):
+            c.score = 1.0 - i / 10
+        return out
+
+    kb.gateway.knowledge.reranker = rerank
+    hits = httpx.post(kb.url + "/v1/knowledge/query", headers=_h(kb), json={"query": "refund", "top_k": 3},
+                      timeout=60).json()["data"]
+    assert [ids[h["document"]["id"]] for h in hits] == ["c", "b"] and [h["score"] for h in hits] == [1.0, 0.9]
+    assert seen == [("refund", 3)], "the hook sees every fused candidate"
+    out = kb.openai().chat.completions.create(model="local", messages=[{"role": "user", "content": "How do refunds work?"}],
+                                              extra_body={"knowledge": {"top_k": 3}})
+    cites = out.model_extra["loadbear"]["citations"]
+    assert [ids[c["document_id"]] for c in cites] == ["c", "b"] and seen[-1][0] == "How do refunds work?"
+
+
+def test_file_types_bad_inputs_and_ledger_chunk_ids_on_both_backends(stack_factory, simulator, db_url):
+    s = stack_factory(sim_models(simulator.url), db_url=db_url)
+    for name in ["guide.md", "handbook.html", "notes.txt", "report.pdf", "policy.docx"]:
+        r = upload(s, name, external_id=name)
+        assert r.status_code == 201 and r.json()["chunk_count"] >= 1, (name, r.text)
+    for name, status, code in [("empty.txt", 422, "empty_file"), ("program.exe", 415, "unsupported_type"),
+                               ("corrupt.pdf", 422, "corrupt_file"), ("latin1.txt", 422, "bad_encoding")]:
+        r = upload(s, name)
+        assert (r.status_code, r.json()["error"]["code"]) == (status, code), name
+    s.gateway.knowledge.settings.max_upload_bytes = 100
+    r = upload(s, "guide.md")
+    assert r.status_code == 413 and r.json()["error"]["code"] == "file_too_large"
+    listed = httpx.get(s.url + "/v1/documents", headers=_h(s), params={"limit": 100}).json()["data"]
+    assert sorted(d["external_id"] for d in listed) == sorted(
+        ["guide.md", "handbook.html", "notes.txt", "report.pdf", "policy.docx"])
+    out = s.openai().chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "How do I install it?"}],
+                                             extra_body={"knowledge": {"top_k": 4}})
+    cites = out.model_extra["loadbear"]["citations"]
+    assert len(cites) == 4
+    stored = s.rows()[-1]["retrieved_chunk_ids"]
+    stored = json.loads(stored) if isinstance(stored, str) else stored
+    assert [str(c) for c in stored] == [c["chunk_id"] for c in cites]
+
+
+def test_uploads_get_their_own_body_limit(tmp_path):
+    """Chat bodies stop at max_body_bytes; /v1/documents accepts up to max_upload_bytes (plus the
+    multipart envelope), then the parser's own 413, then the middleware's before reading."""
+    from loadbear import Gateway, Settings
+    from loadbear.api.app import create_app
+    from loadbear.testing.server import ServerThread
+
+    gw = Gateway.from_settings(Settings.load(env={}, config_path=None, database_url=f"sqlite:///{tmp_path / 'u.db'}",
+                                             max_body_bytes=50_000, max_upload_bytes=200_000))
+    gw.migrate()
+    gw.tenants.create_tenant("acme", "Acme", {})
+    _, key = gw.tenants.create_key("acme", "k")
+    try:
+        with ServerThread(create_app(gw)) as srv:
+            def post(size):
+                body = b"%PDF-1.4 " + b"x" * (size - 9)  # corrupt: fails fast, no embedding
+                return httpx.post(srv.url + "/v1/documents", headers={"Authorization": f"Bearer {key}"},
+                                  files={"file": ("big.pdf", body)}, timeout=60)
+
+            r = post(100_000)  # twice the chat limit: still parsed
+            assert r.status_code == 422 and r.json()["error"]["code"] == "corrupt_file"
+            r = post(230_000)  # over max_upload_bytes, inside the envelope allowance
+            assert r.status_code == 413 and r.json()["error"]["code"] == "file_too_large"
+            r = post(300_000)
+            assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+            r = httpx.post(srv.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                           json={"model": "local", "messages": [{"role": "user", "content": "x" * 60_000}]})
+            assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    finally:
+        gw.close()
+
+
+def test_chunk_size_and_overlap_come_from_the_settings(tmp_path):
+    from loadbear import Gateway, Settings
+
+    text = (DOCS / "guide.md").read_text()
+    sizes = {}
+    for tokens, overlap in [(350, 0.15), (40, 0.0), (40, 0.3)]:
+        env = {"LOADBEAR_CHUNK_TOKENS": str(tokens), "LOADBEAR_CHUNK_OVERLAP": str(overlap)}
+        gw = Gateway.from_settings(Settings.load(env=env, config_path=None,
+                                                 database_url=f"sqlite:///{tmp_path / f'c{tokens}-{overlap}.db'}"))
+        try:
+            gw.migrate()
+            t = gw.tenants.create_tenant("acme", "Acme", {})
+            doc = gw.knowledge.ingest_text(t.id, text=text, content_type="text/markdown")
+            chunks = gw.knowledge.store.document_chunks(t.id, doc.id)
+        finally:
+            gw.close()
+        assert max(c.token_count for c in chunks) <= tokens
+        sizes[(tokens, overlap)] = chunks
+    assert len(sizes[(40, 0.0)]) > len(sizes[(350, 0.15)])
+    no_overlap = sizes[(40, 0.0)]
+    assert all(a.end <= b.start for a, b in zip(no_overlap, no_overlap[1:]))
+    overlapped = sizes[(40, 0.3)]
+    assert any(b.start < a.end for a, b in zip(overlapped, overlapped[1:]))
+
+
+def test_jobs_left_by_a_dead_process_resume_when_the_app_starts(db_url):
+    """Queued jobs and running jobs whose heartbeat stopped are run by the next process; a job
+    another live process is running (fresh heartbeat) is left alone; a job is claimed once."""
+    from datetime import timedelta
+
+    from loadbear import Gateway, Settings
+    from loadbear.api.app import create_app
+    from loadbear.storage.values import db_time, dumps, utcnow, uuid7
+    from loadbear.testing.server import ServerThread
+
+    gw = Gateway.from_settings(Settings.load(env={}, config_path=None, database_url=db_url))
+    try:
+        gw.migrate()
+        t = gw.tenants.create_tenant("acme", "Acme", {})
+        _, key = gw.tenants.create_key("acme", "k")
+        d = gw.db.dialect
+        jobs = {}
+        for name, status, age in [("queued", "queued", 0), ("orphan", "running", 600), ("alive", "running", 5)]:
+            jobs[name] = uuid7()
+            params = {"filename": f"{name}.md", "external_id": name, "content_type": None}
+            with gw.db.tenant_tx(t.id) as c:
+                c.execute("INSERT INTO ingest_jobs (id, tenant_id, status, params, payload, created_at, updated_at)"
+                          " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                          (jobs[name], t.id, status, dumps(params), f"# {name}\n\nThe {name} job's text.".encode(),
+                           db_time(d, utcnow()), db_time(d, utcnow() - timedelta(seconds=age))))
+        with ServerThread(create_app(gw)) as srv:  # startup resumes
+            gw.knowledge.wait_idle(60)
+            got = {n: httpx.get(f"{srv.url}/v1/jobs/{j}", headers={"Authorization": f"Bearer {key}"}).json()
+                   for n, j in jobs.items()}
+        assert got["queued"]["status"] == "succeeded" and got["orphan"]["status"] == "succeeded"
+        assert got["alive"]["status"] == "running" and got["alive"]["document_id"] is None
+        docs, _ = gw.knowledge.list(t.id, limit=10)
+        assert sorted(x.external_id for x in docs) == ["orphan", "queued"]
+        # a finished job is never run again, by a later resume or a second claim
+        assert gw.knowledge.resume_jobs() == 0
+        gw.knowledge._run_job(t.id, jobs["queued"])
+        assert [x.version for x in gw.knowledge.list(t.id, limit=10)[0]] == [1, 1]
+        with gw.db.system_tx(write=False) as c:
+            assert c.scalar("SELECT COUNT(*) FROM ingest_jobs WHERE payload IS NOT NULL") == 1  # only "alive"'s
+    finally:
+        gw.close()
+
+
+def test_a_running_job_keeps_its_heartbeat_fresh(db, monkeypatch):
+    import threading
+
+    import numpy as np
+
+    from loadbear.knowledge import service as svc
+
+    class SlowEmbedder:
+        name, dim = "slow-8", 8
+
+        def __init__(self):
+            self.started, self.release = threading.Event(), threading.Event()
+
+        def embed(self, texts):
+            self.started.set()
+            assert self.release.wait(30)
+            v = np.ones((len(texts), self.dim), np.float32)
+            return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    monkeypatch.setattr(svc, "JOB_HEARTBEAT_S", 0.05)
+    tenant = str(__import__("uuid").uuid4())
+    with db.system_tx() as c:
+        c.execute("INSERT INTO tenants (id, slug, name) VALUES (?, ?, 'Beat')", (tenant, f"beat-{tenant[:8]}"))
+    emb = SlowEmbedder()
+    ks = svc.KnowledgeService(db, lambda: emb)
+    try:
+        job = ks.submit_job(tenant, filename="a.md", data=b"# A\n\nSome text.", content_type=None)
+        assert emb.started.wait(30)
+        first = ks.get_job(tenant, job["id"])
+        assert first["status"] == "running"
+        deadline = time.monotonic() + 10
+        while ks.get_job(tenant, job["id"])["updated_at"] == first["updated_at"]:
+            assert time.monotonic() < deadline, "no heartbeat"
+            time.sleep(0.05)
+        assert ks.resume_jobs(stale_after_s=60) == 0, "a live job is not resumed"
+        emb.release.set()
+        ks.wait_idle(30)
+        assert ks.get_job(tenant, job["id"])["status"] == "succeeded"
+    finally:
+        emb.release.set()
+        ks.close()

@@ -145,3 +145,60 @@ def test_delete_removes_from_search(seeded):
     # the others still have theirs
     r = httpx.post(s.url + "/v1/knowledge/query", headers=_h(keys["globex"]), json={"query": CANARY["globex"]}, timeout=60)
     assert CANARY["globex"] in r.text
+
+
+def test_enumerated_ids_on_delete_and_jobs_routes(seeded):
+    s, keys, docs = seeded
+    a = _h(keys["acme"])
+    for guess in ["00000000-0000-0000-0000-000000000000", "1", "' OR 1=1 --", docs["globex"]["id"].upper(),
+                  docs["initech"]["id"]]:
+        r = httpx.delete(f"{s.url}/v1/documents/{guess}", headers=a)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "document_not_found", guess
+        r = httpx.get(f"{s.url}/v1/jobs/{guess}", headers=a)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found", guess
+    for slug in ("globex", "initech"):
+        r = httpx.get(f"{s.url}/v1/documents/{docs[slug]['id']}", headers=_h(keys[slug]))
+        assert r.status_code == 200 and r.json()["version"] == 1
+
+
+def test_the_response_cache_never_serves_another_tenants_grounded_answer(stack_factory, simulator, db_url):
+    on = {"cache_enabled": True}
+    s = stack_factory(sim_models(simulator.url), db_url=db_url, tenant_settings=on)
+    keys = {"acme": s.key, "globex": s.add_tenant("globex", on)}
+    for slug, key in keys.items():
+        r = httpx.post(s.url + "/v1/documents", headers=_h(key), timeout=60, json={
+            "title": "Refunds", "text": doc_text(slug), "external_id": "policies/refunds.md", "content_type": "text/markdown"})
+        assert r.status_code == 201
+
+    def ask(slug):
+        raw = s.openai(keys[slug]).chat.completions.with_raw_response.create(
+            model="local", messages=[{"role": "user", "content": "What is the secret escalation code?"}],
+            extra_body={"knowledge": {"top_k": 3}})
+        return raw.parse().choices[0].message.content, raw.headers["x-loadbear-cache"]
+
+    text, state = ask("acme")
+    assert CANARY["acme"] in text and state == "miss"
+    assert s.gateway.cache.flush(30)
+    text, state = ask("globex")
+    assert state == "miss" and CANARY["globex"] in text and CANARY["acme"] not in text
+    assert s.gateway.cache.flush(30)
+    text, state = ask("acme")  # the cache is really on: acme's own repeat is a hit
+    assert state.startswith("hit") and CANARY["acme"] in text and CANARY["globex"] not in text
+
+
+def test_grounded_chat_filters_stay_in_tenant(seeded):
+    s, keys, docs = seeded
+    client = s.openai(keys["acme"])
+    ask = lambda flt: client.chat.completions.create(
+        model="local", messages=[{"role": "user", "content": "What is the secret escalation code?"}],
+        extra_body={"knowledge": {"top_k": 3, "filters": flt}})
+    out = ask({"owner": "globex"})  # another tenant's metadata value: nothing of theirs, nothing at all
+    assert out.model_extra["loadbear"]["citations"] == []
+    assert not any(c in out.choices[0].message.content for c in CANARY.values())
+    out = ask({"owner": "acme"})
+    cites = out.model_extra["loadbear"]["citations"]
+    assert cites and {c["document_id"] for c in cites} == {docs["acme"]["id"]}
+    assert CANARY["acme"] in out.choices[0].message.content
+    r = httpx.post(s.url + "/v1/chat/completions", headers=_h(keys["acme"]), json={
+        "model": "local", "messages": [{"role": "user", "content": "x"}], "knowledge": {"filters": ["owner"]}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "knowledge.filters"

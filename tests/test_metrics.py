@@ -168,6 +168,15 @@ def test_label_cap_folds_extra_values_into_other(stack_factory, simulator):
     assert not any("gamma" in str(labels) or "omega" in str(labels) for _, labels in s)
 
 
+def test_negative_label_cap_is_refused():
+    with pytest.raises(ValueError, match="LOADBEAR_METRICS_LABEL_CAP must be 0 or more"):
+        Observability(Settings.load(env={"LOADBEAR_METRICS_LABEL_CAP": "-1"}))
+    # 0 is allowed: every tenant, model and feature is counted as "other".
+    m = Metrics(label_cap=0)
+    m.observe(_record())
+    assert 'loadbear_requests_total{tenant="other",model="other",feature="other",status="ok"} 1' in m.render()
+
+
 def test_cache_hits_by_kind(stack_factory, simulator):
     stack = stack_factory(sim_models(simulator.url), tenant_settings={"cache_enabled": True})
     client = stack.openai()

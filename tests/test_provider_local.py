@@ -57,6 +57,35 @@ async def test_keeps_best_sentences_in_source_order() -> None:
     )
 
 
+WRAPPED = [{"index": 1, "text": (
+    "## Chargebacks\n\n"
+    "If you dispute a charge with your bank instead of asking us for a refund, the\n"
+    "workspace is suspended until the dispute is resolved. Please talk to us first: it is\n"
+    "faster for everyone.\n\n"
+    "- Refunds go back to the original card and arrive\n  within 10 business days.\n"
+    "- Gift cards are never refunded.\n\n"
+    "| When you ask | What you get back |\n"
+    "|--------------|-------------------|\n"
+    "| Within 30 days | a full refund |\n"
+    "| After day 90 | no refund, sorry |\n"
+)}]
+
+
+def test_hard_wrapped_paragraphs_bullets_and_tables_are_quoted_whole() -> None:
+    # A sentence wrapped over two lines is quoted whole, not cut at the line end.
+    assert extract_answer("What happens if I dispute a charge with my bank?", WRAPPED) == (
+        "If you dispute a charge with your bank instead of asking us for a refund, the workspace is "
+        "suspended until the dispute is resolved [1]."
+    )
+    # A bullet's continuation line belongs to it; the next bullet does not.
+    assert extract_answer("When do refunds arrive on the card?", WRAPPED) == (
+        "Refunds go back to the original card and arrive within 10 business days [1]."
+    )
+    # Table rows as their cells; the header row (column names) is never an answer.
+    assert extract_answer("What about after day 90?", WRAPPED) == "After day 90: no refund, sorry [1]."
+    assert "|" not in extract_answer("What do you get back when you ask?", WRAPPED)
+
+
 async def test_says_honestly_when_not_in_context() -> None:
     provider = LocalProvider()
     for q in ("What is the capital of France?", "Who is the CEO of Acme?", "What is it?"):

@@ -116,6 +116,13 @@ def test_unknown_setting_is_refused_and_nothing_is_created(svc):
     ({"fallback_message": "   "}, "settings.fallback_message"),
     ({"fallback_message": 7}, "settings.fallback_message"),
     ({"fallback_overrides": ["gpt-4o"]}, "settings.fallback_overrides"),
+    ({"fallback_overrides": {"gpt-4o": "gpt-4o-mini"}}, "settings.fallback_overrides"),
+    ({"fallback_overrides": {"gpt-4o": ["gpt-4o-mini", 3]}}, "settings.fallback_overrides"),
+    ({"fallback_overrides": {"gpt-4o": [""]}}, "settings.fallback_overrides"),
+    ({"allow_continuation": "yes"}, "settings.allow_continuation"),
+    ({"support_contact": 5}, "settings.support_contact"),
+    ({"support_contact": "  "}, "settings.support_contact"),
+    ({"default_model": ["gpt-4o"]}, "settings.default_model"),
 ])
 def test_setting_types_are_validated(svc, settings, param):
     with pytest.raises(TenancyError) as e:

@@ -84,6 +84,22 @@ def test_request_span_and_attempt_span(stack_factory, simulator, spans):
     assert "error.type" not in b
 
 
+def test_streamed_request_is_one_span_with_usage_and_first_token(stack_factory, simulator, spans):
+    stack = traced_stack(stack_factory, simulator, spans)
+    chunks = list(stack.openai().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True,
+                                                         stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    row = stack.rows()[0]
+    root, [att], others = by_kind(spans[1])
+    assert others == []
+    a = root.attributes
+    assert a["loadbear.streamed"] is True and a["loadbear.interaction_id"] == chunks[0].id == str(row["id"])
+    assert a["gen_ai.usage.input_tokens"] == row["prompt_tokens"] == usage.prompt_tokens
+    assert a["gen_ai.usage.output_tokens"] == row["completion_tokens"] == usage.completion_tokens
+    assert a["loadbear.ttft_ms"] == row["ttft_ms"] is not None
+    assert att.attributes["loadbear.ttft_ms"] is not None and att.attributes["loadbear.attempt_status"] == "ok"
+
+
 def test_failover_gives_one_attempt_span_per_upstream_call(stack_factory, simulator, spans):
     models = sim_models(simulator.url, **{"gpt-4o-mini": {"max_retries": 0}})
     stack = traced_stack(stack_factory, simulator, spans, models=models, retry_policy=FAST_RETRY)
@@ -149,6 +165,10 @@ def test_cache_hit_has_a_cache_span(stack_factory, simulator, spans):
     stack = traced_stack(stack_factory, simulator, spans, tenant_settings={"cache_enabled": True})
     client = stack.openai()
     first = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    # The first request looked the cache up too, and missed before calling the model.
+    root, [att], [miss] = by_kind(spans[1])
+    assert miss.name == "loadbear.cache.lookup" and miss.attributes["loadbear.cache.hit"] is False
+    assert miss.end_time <= att.start_time and root.attributes["loadbear.cached"] is False
     assert stack.gateway.cache.flush(30)
     spans[1].clear()
     again = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)

@@ -21,10 +21,16 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(router_app, name="router")
 
 
-def _gateway():
+def _gateway(schema: bool = False):
+    """With ``schema``, for commands that read or write tables: an unmigrated database is a clear
+    error naming the fix, not a traceback about a missing table."""
     from loadbear.gateway.core import Gateway
 
-    return Gateway.from_settings(Settings.load())
+    gw = Gateway.from_settings(Settings.load())
+    if schema and not gw.is_current():
+        gw.close()
+        _fail("the database has pending migrations (or none applied yet); run `loadbear migrate` first", 2)
+    return gw
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -242,11 +248,13 @@ def reembed(tenant: str = typer.Option(..., "--tenant", help="Tenant slug.")) ->
     try:
         t = gw.tenants.get_tenant(tenant)
         n = gw.knowledge.reembed(t.id)
+        # Read before close: afterwards `gw.knowledge` would build a new service and load the model again.
+        model = gw.knowledge.embedder.name
     except TenancyError as exc:
         _fail(exc.message, 2)
     finally:
         gw.close()
-    typer.echo(f"re-embedded {n} chunk(s) for {tenant} with {gw.knowledge.embedder.name}")
+    typer.echo(f"re-embedded {n} chunk(s) for {tenant} with {model}")
 
 
 @tenants_app.command("create")
@@ -277,7 +285,7 @@ def tenants_create(
 
 @tenants_app.command("list")
 def tenants_list(as_json: bool = typer.Option(False, "--json")) -> None:
-    gw = _gateway()
+    gw = _gateway(schema=True)
     try:
         tenants = gw.tenants.list_tenants()
     finally:
@@ -298,7 +306,7 @@ def keys_create(
 ) -> None:
     from loadbear.tenancy.models import TenancyError
 
-    gw = _gateway()
+    gw = _gateway(schema=True)
     try:
         key, plaintext = gw.tenants.create_key(tenant, name, scope or None)
     except TenancyError as exc:
@@ -313,7 +321,7 @@ def keys_create(
 def keys_list(tenant: str = typer.Option(..., "--tenant"), as_json: bool = typer.Option(False, "--json")) -> None:
     from loadbear.tenancy.models import TenancyError
 
-    gw = _gateway()
+    gw = _gateway(schema=True)
     try:
         keys = gw.tenants.list_keys(tenant)
     except TenancyError as exc:
@@ -336,7 +344,7 @@ def keys_revoke(
 ) -> None:
     from loadbear.tenancy.models import TenancyError
 
-    gw = _gateway()
+    gw = _gateway(schema=True)
     try:
         revoked = gw.tenants.revoke_key(tenant, key)
     except TenancyError as exc:
@@ -358,7 +366,7 @@ def usage(
     from loadbear.ledger.reports import ReportError, parse_period, tenant_usage
     from loadbear.tenancy.models import TenancyError
 
-    gw = _gateway()
+    gw = _gateway(schema=True)
     try:
         t = gw.tenants.get_tenant(tenant)
         start, end = parse_period(from_, to)

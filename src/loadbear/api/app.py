@@ -177,6 +177,11 @@ def create_app(gateway: Gateway, own_gateway: bool = False) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # Ingestion jobs a previous process left behind: their uploads are kept in ingest_jobs.
+        try:
+            await asyncio.to_thread(gateway.knowledge.resume_jobs)
+        except Exception:  # e.g. not migrated yet (/readyz says so): serving must not depend on it
+            logging.getLogger("loadbear.knowledge").warning("resuming ingestion jobs failed", exc_info=True)
         yield
         if own_gateway:
             await gateway.aclose()
@@ -368,7 +373,14 @@ def create_app(gateway: Gateway, own_gateway: bool = False) -> FastAPI:
     def usage_admin(request: Request):
         q = request.query_params
         start, end = parse_period(q.get("from"), q.get("to"))
-        return JSON(admin_usage(gateway.db, start, end, q.get("group_by", "tenant"), q.get("tenant")))
+        slug = q.get("tenant")
+        if slug:
+            # A misspelt slug must be a 404, not an empty report that reads as "no traffic".
+            try:
+                gateway.tenants.get_tenant(slug)
+            except TenancyError as exc:
+                raise ApiError(404, exc.message, type="not_found_error", code=exc.code, param="tenant") from None
+        return JSON(admin_usage(gateway.db, start, end, q.get("group_by", "tenant"), slug))
 
     @app.get("/admin/providers", dependencies=[Depends(admin)])
     def providers():

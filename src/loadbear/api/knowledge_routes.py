@@ -79,7 +79,12 @@ def add_knowledge_routes(app: FastAPI, gateway: Any, scope: Callable[[str], Call
             limit = int(q.get("limit", "20"))
         except ValueError:
             raise invalid("'limit' must be an integer", "limit", "invalid_type") from None
-        docs, cursor = gateway.knowledge.list(auth.tenant_id, limit=limit, cursor=q.get("after"))
+        try:
+            docs, cursor = gateway.knowledge.list(auth.tenant_id, limit=limit, cursor=q.get("after"))
+        except KnowledgeError as exc:
+            if exc.param == "cursor":  # the store's name for it; clients send it as 'after'
+                raise invalid("'after' must be a next_cursor this API returned", "after", "invalid_value") from None
+            raise
         return JSON({"object": "list", "data": [d.public() for d in docs], "has_more": cursor is not None,
                      "next_cursor": cursor})
 

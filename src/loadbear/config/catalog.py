@@ -13,6 +13,7 @@ from dataclasses import fields
 from typing import Any, Iterable, Mapping
 
 from loadbear.providers.base import ModelConfig, Timeouts
+from loadbear.providers.registry import canonical_kind
 
 # USD per 1M tokens: (input, cached input, output). Edit through [models.NAME] in loadbear.toml.
 OPENAI_DEFAULTS: dict[str, tuple[float, float, float, str]] = {
@@ -145,12 +146,43 @@ def model_from_mapping(name: str, raw: Mapping[str, Any], base: ModelConfig | No
     data["name"] = name
     if "provider" not in data:
         raise CatalogError(f"model {name!r}: 'provider' is required")
+    # A typo here would otherwise start fine and fail every request to the model with a 500.
+    try:
+        canonical_kind(data["provider"])
+    except ValueError as exc:
+        raise CatalogError(f"model {name!r}: {exc}") from None
     data.setdefault("upstream_model", name)
     timeouts = data.get("timeouts")
     if isinstance(timeouts, Mapping):
-        data["timeouts"] = Timeouts(**timeouts)
-    data["fallbacks"] = list(data.get("fallbacks") or [])
+        data["timeouts"] = _timeouts(name, timeouts)
+    elif timeouts is None:
+        data.pop("timeouts", None)
+    elif not isinstance(timeouts, Timeouts):
+        raise CatalogError(f"model {name!r}: 'timeouts' must be a table like {{first_token = 10, total = 60}}")
+    retries = data.get("max_retries", 0)
+    # A negative count would make the executor skip the model without a call or a ledger row.
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise CatalogError(f"model {name!r}: 'max_retries' must be an integer >= 0")
+    fallbacks = data.get("fallbacks") or []
+    # A bare string would be read as one-letter model names.
+    if not isinstance(fallbacks, (list, tuple)) or not all(isinstance(f, str) and f for f in fallbacks):
+        raise CatalogError(f"model {name!r}: 'fallbacks' must be a list of model names")
+    data["fallbacks"] = list(fallbacks)
     return ModelConfig(**data)
+
+
+_TIMEOUT_FIELDS = tuple(f.name for f in fields(Timeouts))
+
+
+def _timeouts(name: str, raw: Mapping[str, Any]) -> Timeouts:
+    unknown = set(raw) - set(_TIMEOUT_FIELDS)
+    if unknown:
+        raise CatalogError(f"model {name!r}: unknown timeouts {', '.join(sorted(unknown))} "
+                           f"(known: {', '.join(_TIMEOUT_FIELDS)})")
+    for key, value in raw.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise CatalogError(f"model {name!r}: timeouts.{key} must be a number of seconds > 0")
+    return Timeouts(**raw)
 
 
 def _pick_default(models: Mapping[str, ModelConfig]) -> str:

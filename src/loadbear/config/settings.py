@@ -67,6 +67,8 @@ class Settings:
     retry_after_max_s: float = 20.0
     # Process-wide switch for the response cache; each tenant opts in (cache_enabled setting).
     cache_enabled: bool = True
+    # The learned classifier for model "auto" (`loadbear router train`); unset: the rules.
+    router_model_path: str | None = None
     # Observability (see loadbear/observability/). GET /metrics takes metrics_key (a scrape-only
     # token) or the admin key, or nothing when metrics_public (a private monitoring network);
     # each of the tenant, model and feature labels keeps its first metrics_label_cap values and

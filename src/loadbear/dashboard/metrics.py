@@ -41,6 +41,14 @@ def not_eval(dialect: str, alias: str = "i") -> str:
     return f"({alias}.metadata ->> 'eval_run') IS NULL"
 
 
+def _skipped(dialect: str, alias: str = "i") -> str:
+    """The row's first choice was skipped because its breaker was open."""
+    if dialect == "sqlite":
+        # instr first: a byte search rejects almost every row before any JSON is parsed.
+        return f"(instr({alias}.metadata, '\"skipped\"') > 0 AND json_extract({alias}.metadata, '$.skipped') IS NOT NULL)"
+    return f"({alias}.metadata -> 'skipped') IS NOT NULL"
+
+
 def _raw_where(db: Database, view: View, period: Period, alias: str = "i") -> tuple[str, list[Any]]:
     d = db.dialect
     where = [f"{alias}.created_at >= ?", f"{alias}.created_at < ?", not_eval(d, alias)]
@@ -187,16 +195,19 @@ def reliability(gateway: Any, view: View, period: Period) -> dict[str, Any]:
             " SUM(CASE WHEN i.status = 'error' THEN 1 ELSE 0 END) AS errors,"
             " SUM(CASE WHEN i.status = 'degraded' THEN 1 ELSE 0 END) AS degraded"
             f" FROM ai_interactions i WHERE {where} GROUP BY {dx}, i.model", params)
-        # A fallback: the answer came from another model than the first one tried. Only rows
-        # with more than one attempt can be one; a correlated lookup (by the attempts'
-        # interaction index) for just those rows, because as a join SQLite chose to scan every
-        # attempt of the table instead (70 ms vs a few on 100k rows). No tenant condition on
-        # the attempt: the interaction id already pins it, and on a PostgreSQL table without
-        # fresh statistics that condition made the planner AND in the tenant index (6 s).
+        # A fallback (as /metrics counts it): the answer came from another model than the
+        # first choice, because the first one failed (more than one attempt, the first on
+        # another model) or was skipped with its breaker open (``metadata.skipped``, one
+        # attempt: the 3 a.m. outage case). The attempt is a correlated lookup (by the
+        # attempts' interaction index) for just those rows, because as a join SQLite chose to
+        # scan every attempt of the table instead (70 ms vs a few on 100k rows). No tenant
+        # condition on the attempt: the interaction id already pins it, and on a PostgreSQL
+        # table without fresh statistics that condition made the planner AND in the tenant
+        # index (6 s).
         fallbacks = c.fetchall(
             f"SELECT {dx} AS day, COUNT(*) AS n FROM ai_interactions i"
-            f" WHERE {where} AND i.attempt_count > 1 AND i.status = 'ok' AND i.model <> ("
-            "SELECT a.model FROM ai_attempts a WHERE a.interaction_id = i.id AND a.attempt_no = 1)"
+            f" WHERE {where} AND i.status = 'ok' AND ({_skipped(db.dialect)} OR (i.attempt_count > 1 AND i.model <> ("
+            "SELECT a.model FROM ai_attempts a WHERE a.interaction_id = i.id AND a.attempt_no = 1)))"
             f" GROUP BY {dx}", params)
         # Cached answers took no upstream call: their latency says nothing about providers.
         # Unordered: sorting the period's rows would cost more than the percentiles themselves;

@@ -90,7 +90,7 @@ async def judge_answer(gateway: Any, auth: AuthContext, model: str, run_id: str,
         "messages": [{"role": "system", "content": JUDGE_PROMPT},
                      {"role": "user", "content": _user_message(case, answer, chunks)}],
         "metadata": {"feature": JUDGE_FEATURE, "eval_run": run_id, "eval_role": "judge", "eval_case": case.id},
-    }))
+    }), trusted=True)
     try:
         result = await gateway.chat(auth, body, feature=JUDGE_FEATURE)
     except ApiError as exc:

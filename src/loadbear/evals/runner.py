@@ -135,7 +135,7 @@ async def _run_case(gateway: Any, auth: AuthContext, case: Case, position: int, 
     out = _Outcome(case, position)
     started = time.monotonic()
     try:
-        result = await gateway.chat(auth, parse_chat_body(_payload(case, config, run_id)), feature=case.feature)
+        result = await gateway.chat(auth, parse_chat_body(_payload(case, config, run_id), trusted=True), feature=case.feature)
     except ApiError as exc:
         out.error = f"{exc.status} {exc.code or exc.type}: {exc.message}"
         out.latency_ms = int((time.monotonic() - started) * 1000)
@@ -218,7 +218,7 @@ async def run_eval(gateway: Any, tenant: Tenant, dataset: Dataset, config: EvalC
 
         check_judge_model(gateway, config.judge)
     # Resolve the model chain now: a bad model is one clear error, not N failed cases.
-    probe = gateway.new_call(auth, parse_chat_body(_payload(dataset.cases[0], config, run_id)),
+    probe = gateway.new_call(auth, parse_chat_body(_payload(dataset.cases[0], config, run_id), trusted=True),
                              dataset.cases[0].feature)
     fingerprint = await asyncio.to_thread(pipeline_fingerprint, gateway, tenant, config, probe.chain)
     pipeline_hash = _sha(fingerprint)

@@ -92,7 +92,9 @@ class ChatCall:
         self._knowledge = parse_knowledge(self.body.knowledge, settings.knowledge_features.get(self.feature))
         name = self.body.model
         if name == "auto":
-            self.route = gw.router.route(gw.catalog, settings, self.body.messages, grounded=self._knowledge is not None)
+            if self.route is None:  # (aresolve() may have routed already)
+                self.route = gw.router.route(gw.catalog, settings, self.body.messages,
+                                             grounded=self._knowledge is not None)
             name, self.route_reason = self.route.model, self.route.reason
         model = gw.catalog.get(name)
         if model is None:
@@ -102,6 +104,18 @@ class ChatCall:
             raise ApiError(403, f"The model '{name}' is not enabled for this tenant.",
                            type="permission_error", code="model_not_allowed", param="model")
         self.chain = gw.router.tenant_chain(gw.catalog, settings, name)
+
+    async def aresolve(self) -> None:
+        """:meth:`resolve` for the event loop: a learned classifier embeds the request (MiniLM,
+        ~10 ms of CPU), which would stall every other request on the loop, so it routes in a
+        worker thread; the rules classifier is cheap and stays inline."""
+        gw = self.gateway
+        if self.body.model == "auto" and gw.router.learned is not None:
+            settings = self.auth.tenant.settings
+            knowledge = parse_knowledge(self.body.knowledge, settings.knowledge_features.get(self.feature))
+            self.route = await gw.router.aroute(gw.catalog, settings, self.body.messages,
+                                                grounded=knowledge is not None)
+        self.resolve()
 
     async def admit(self) -> None:
         """Rate limits, then the budget (which may downgrade the chain); ApiError 429 / 402."""
@@ -301,7 +315,7 @@ class ChatCall:
         except ClientFault as cf:
             self.error = cf.error
             self.finish("error")
-            raise _client_fault_error(cf.error) from None
+            raise _client_fault_error(cf.error, self.id) from None
         except ChainExhausted as ex:
             text = await self.degraded_text(ex)
             self.state.text_parts = [text]
@@ -493,7 +507,7 @@ class ChatStream:
         except ClientFault as cf:
             c.error = cf.error
             c.finish("error")
-            raise _client_fault_error(cf.error) from None
+            raise _client_fault_error(cf.error, c.id) from None
         except ChainExhausted as ex:
             self._degraded = await c.degraded_text(ex)
         except asyncio.CancelledError:
@@ -656,9 +670,11 @@ def _error_event(err: ProviderError) -> bytes:
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
-def _client_fault_error(err: ProviderError) -> ApiError:
+def _client_fault_error(err: ProviderError, interaction_id: str) -> ApiError:
     code = "context_length_exceeded" if err.kind.value == "context_length" else "invalid_request"
-    return ApiError(400, f"The model rejected the request: {err.message}", code=code)
+    # This refusal has a ledger row (the upstream was called): the header lets the client find it.
+    return ApiError(400, f"The model rejected the request: {err.message}", code=code,
+                    headers={"x-loadbear-interaction-id": interaction_id})
 
 
 def _prompt_text(messages: list[dict[str, Any]]) -> str:

@@ -18,7 +18,7 @@ from loadbear.gateway.breaker import BreakerRegistry, breaker_key
 from loadbear.gateway.budget import BudgetGuard
 from loadbear.gateway.cache import CacheHit, CachePolicy, ResponseCache
 from loadbear.gateway.ratelimit import RateLimiter
-from loadbear.gateway.router import Router
+from loadbear.gateway.router import Router, model_allowed
 from loadbear.gateway.chat import ChatCall, ChatResult, ChatStream
 from loadbear.gateway.executor import Executor, RetryPolicy
 from loadbear.gateway.validation import ChatBody
@@ -177,16 +177,18 @@ class Gateway:
         return ctx
 
     def new_call(self, auth: AuthContext, body: ChatBody, feature: str | None = None,
-                 request_id: str | None = None) -> ChatCall:
+                 request_id: str | None = None, resolve: bool = True) -> ChatCall:
         call = ChatCall(self, auth, body, body.feature or feature or "chat", request_id)
         bind_call(call.id, auth.tenant.slug, request_id)
-        call.resolve()
+        if resolve:
+            call.resolve()
         return call
 
     async def chat(self, auth: AuthContext, body: ChatBody, feature: str | None = None,
                    request_id: str | None = None) -> ChatResult | ChatStream:
         """Answer one chat request: a :class:`ChatResult`, or a started :class:`ChatStream`."""
-        call = self.new_call(auth, body, feature, request_id)
+        call = self.new_call(auth, body, feature, request_id, resolve=False)
+        await call.aresolve()
         await call.admit_limits()
         try:
             await call.retrieve()
@@ -218,11 +220,12 @@ class Gateway:
         return await self.cache.lookup_degraded(scope, threshold=policy.degraded_threshold)
 
     def models_for(self, auth: AuthContext) -> list[dict[str, Any]]:
-        allowed = auth.tenant.settings
+        # The same test as a chat request's (allow-list and forbidden tiers): a listed model never 403s.
+        settings = auth.tenant.settings
         return [
             {"id": m.name, "object": "model", "created": 0, "owned_by": m.provider,
              "loadbear": {"tier": m.tier, "fallbacks": m.fallbacks}}
-            for m in self.catalog if allowed.allows(m.name)
+            for m in self.catalog if model_allowed(settings, m)
         ]
 
     def provider_health(self) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from loadbear.providers.base import (
 )
 from loadbear.providers.tokens import count_messages, count_text
 
+_log = logging.getLogger("loadbear.executor")
 _MODEL_SLOTS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 _new_model = object.__new__
 
@@ -225,7 +227,8 @@ class Executor:
                 started, started_at = time.monotonic(), datetime.now(timezone.utc)
                 try:
                     result = await provider.complete(req, self._clamped(model, deadline))
-                except ProviderError as err:
+                except Exception as exc:  # noqa: BLE001  (see _as_provider_error)
+                    err = _as_provider_error(exc, model)
                     st.last_error = err
                     breaker = await self._record(st, model, started, started_at, "error", err.usage, None, err)
                     step = self._next_step(err, try_no, tries, breaker)
@@ -284,7 +287,8 @@ class Executor:
                                 st.served = model
                         if delta.text or delta.finish_reason:
                             yield delta
-                except ProviderError as err:
+                except Exception as exc:  # noqa: BLE001  (see _as_provider_error)
+                    err = _as_provider_error(exc, model)
                     st.last_error = err
                     used = err.usage or (_estimate(req, "".join(parts)) if parts else None)
                     breaker = await self._record(st, model, started, started_at, "error", used, ttft, err)
@@ -312,6 +316,18 @@ class Executor:
                 st.committed = True
                 return
         raise ChainExhausted(st.last_error or (_deadline_error() if self._no_time_left(deadline) else None), st.skipped)
+
+
+def _as_provider_error(exc: Exception, model: ModelConfig) -> ProviderError:
+    """Any other exception out of a provider (an upstream answer shaped in a way its mapping did
+    not foresee) is a malformed answer: a failure like any other, retried or failed over and
+    ledgered, never a 500 without a ledger row."""
+    if isinstance(exc, ProviderError):
+        return exc
+    # Kept visible: it may as well be a bug in the provider's mapping.
+    _log.warning("unexpected %s from %s/%s", type(exc).__name__, model.provider, model.name, exc_info=exc)
+    return ProviderError(ErrorKind.MALFORMED, f"{model.provider}: unexpected {type(exc).__name__} reading the "
+                         f"answer: {exc}")
 
 
 def _estimate(req: ChatRequest, text: str) -> Usage:

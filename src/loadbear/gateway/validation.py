@@ -44,7 +44,18 @@ def parse_json(raw: bytes) -> Any:
         raise invalid(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
 
 
-def parse_chat_body(raw: bytes) -> ChatBody:
+# Ledger metadata keys loadbear itself writes. Eval traffic (``eval_*``) is kept out of the usage
+# rollups, budgets' spend and the dashboard, and ``skipped``/``route``/``continuations`` feed the
+# reliability numbers: a client that could set them could hide its spend or forge those numbers.
+RESERVED_METADATA_KEYS = frozenset({"eval_run", "eval_case", "eval_role", "skipped", "route", "continuations"})
+
+
+def parse_chat_body(raw: bytes, *, trusted: bool = False) -> ChatBody:
+    """Parse and validate an OpenAI-shaped chat request.
+
+    ``trusted`` is for loadbear's own callers (the evaluation runner and judge), which mark their
+    traffic with reserved metadata keys; requests from the API are never trusted.
+    """
     data = parse_json(raw)
     if not isinstance(data, dict):
         raise invalid("The request body must be a JSON object.", code="invalid_type")
@@ -112,6 +123,11 @@ def parse_chat_body(raw: bytes) -> ChatBody:
             raise invalid("'metadata' must be an object", "metadata", "invalid_type")
         if len(metadata) > 16 or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise invalid("'metadata' holds at most 16 string keys with string values", "metadata", "invalid_type")
+        if not trusted:
+            reserved = sorted(RESERVED_METADATA_KEYS.intersection(metadata))
+            if reserved:
+                raise invalid(f"'metadata.{reserved[0]}' is reserved for loadbear's own use", f"metadata.{reserved[0]}",
+                              "reserved_metadata_key")
         body.metadata = metadata
         feature = metadata.get("feature")
         if feature is not None:

@@ -12,13 +12,14 @@ import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable
 
 import numpy as np
 
 from loadbear.knowledge.chunking import chunk_document
 from loadbear.knowledge.parse import parse_file, parse_text
-from loadbear.knowledge.retrieval import Retriever
+from loadbear.knowledge.retrieval import Reranker, Retriever
 from loadbear.knowledge.store import KnowledgeStore
 from loadbear.knowledge.types import Document, Embedder, KnowledgeError, ParsedDocument, StoredChunk
 from loadbear.storage.db import Database
@@ -29,6 +30,8 @@ log = logging.getLogger("loadbear.knowledge")
 TEXT_TYPES = {"text/plain", "text/markdown", "text/html"}
 MAX_TITLE = 500
 MAX_EXTERNAL_ID = 256
+JOB_HEARTBEAT_S = 30.0
+JOB_STALE_S = 120.0  # four missed heartbeats: the job's process is gone
 
 
 @dataclass
@@ -60,8 +63,11 @@ def _validate_meta(title: Any, external_id: Any, source_url: Any, metadata: Any)
 class KnowledgeService:
     def __init__(self, db: Database, embedder_factory: Callable[[], Embedder],
                  settings: KnowledgeSettings | None = None,
-                 on_change: Callable[[str], None] | None = None) -> None:
+                 on_change: Callable[[str], None] | None = None, reranker: Reranker | None = None) -> None:
         self.db = db
+        # The reranking hook for every query of this service (the API's and grounded chat's):
+        # ``reranker(query, chunks) -> chunks``; settable later (``gateway.knowledge.reranker = f``).
+        self.reranker = reranker
         self.store = KnowledgeStore(db)
         self._embedder_factory = embedder_factory
         self._embedder: Embedder | None = None
@@ -81,7 +87,7 @@ class KnowledgeService:
 
     @property
     def retriever(self) -> Retriever:
-        return Retriever(self.store, self.embedder)
+        return Retriever(self.store, self.embedder, self.reranker)
 
     # -- ingestion -------------------------------------------------------------------------
 
@@ -163,11 +169,37 @@ class KnowledgeService:
             return self._jobs
 
     def _run_job(self, tenant_id: str, job_id: str) -> None:
-        with self.db.tenant_tx(tenant_id, write=False) as c:
-            row = c.fetchone("SELECT * FROM ingest_jobs WHERE id = ? AND tenant_id = ?", (job_id, tenant_id))
-        if row is None or row["status"] != "queued":
+        # Claim the job in one statement: replicas resuming the same jobs never run one twice.
+        with self.db.tenant_tx(tenant_id) as c:
+            claimed = c.execute(
+                "UPDATE ingest_jobs SET status = 'running', updated_at = ? WHERE id = ? AND tenant_id = ?"
+                " AND status = 'queued'", (db_time(self.db.dialect, utcnow()), job_id, tenant_id)).rowcount
+            row = c.fetchone("SELECT params, payload FROM ingest_jobs WHERE id = ? AND tenant_id = ?",
+                             (job_id, tenant_id)) if claimed else None
+        if row is None:
             return
-        self._set_job(tenant_id, job_id, "running")
+        stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(tenant_id, job_id, stop), daemon=True,
+                                name="loadbear-ingest-heartbeat")
+        beat.start()
+        try:
+            self._process_job(tenant_id, job_id, row)
+        finally:
+            stop.set()
+            beat.join()
+
+    def _heartbeat(self, tenant_id: str, job_id: str, stop: threading.Event) -> None:
+        # A running job's updated_at stays fresh while its process lives, so a restart can tell a
+        # job orphaned by a dead process (stale) from one another replica is still working on.
+        while not stop.wait(JOB_HEARTBEAT_S):
+            try:
+                with self.db.tenant_tx(tenant_id) as c:
+                    c.execute("UPDATE ingest_jobs SET updated_at = ? WHERE id = ? AND tenant_id = ? AND status = 'running'",
+                              (db_time(self.db.dialect, utcnow()), job_id, tenant_id))
+            except Exception:  # a missed beat only risks an early resume after a restart
+                log.warning("ingestion job %s: heartbeat failed", job_id, exc_info=True)
+
+    def _process_job(self, tenant_id: str, job_id: str, row: dict[str, Any]) -> None:
         params = loads(row["params"])
         try:
             doc = self.ingest_file(tenant_id, filename=params["filename"], data=bytes(row["payload"]),
@@ -209,12 +241,14 @@ class KnowledgeService:
             "error": loads(row["error"]), "created_at": iso(row["created_at"]), "updated_at": iso(row["updated_at"]),
         }
 
-    def resume_jobs(self) -> int:
-        """Requeue jobs a previous process left queued or running (their uploads are kept)."""
-        with self.db.system_tx(write=False) as c:
-            rows = c.fetchall("SELECT id, tenant_id FROM ingest_jobs WHERE status IN ('queued', 'running')")
+    def resume_jobs(self, stale_after_s: float = JOB_STALE_S) -> int:
+        """Run the jobs a previous process left behind (their uploads are kept): queued ones, and
+        running ones whose heartbeat stopped ``stale_after_s`` ago (their process died). Returns how many."""
+        cutoff = db_time(self.db.dialect, utcnow() - timedelta(seconds=stale_after_s))
+        with self.db.system_tx() as c:
+            c.execute("UPDATE ingest_jobs SET status = 'queued' WHERE status = 'running' AND updated_at < ?", (cutoff,))
+            rows = c.fetchall("SELECT id, tenant_id FROM ingest_jobs WHERE status = 'queued' ORDER BY id")
         for r in rows:
-            self._set_job(str(r["tenant_id"]), str(r["id"]), "queued")
             self._executor().submit(self._run_job, str(r["tenant_id"]), str(r["id"]))
         return len(rows)
 
@@ -263,8 +297,10 @@ class KnowledgeService:
             raise KnowledgeError("'mode' must be hybrid, vector or keyword", code="invalid_value", param="mode")
         return self.retriever.search(tenant_id, query, top_k=top_k, filters=filters or None, mode=mode)
 
-    def reembed(self, tenant_id: str, progress: Callable[[int, int], None] | None = None) -> int:
-        """Re-embed every chunk not embedded with the current model; returns how many."""
+    def reembed(self, tenant_id: str, progress: Callable[[int], None] | None = None) -> int:
+        """Re-embed every chunk not embedded with the current model; returns how many.
+
+        ``progress(done)`` is called after each batch with the number of chunks re-embedded so far."""
         e = self.embedder
         done = 0
         while True:
@@ -275,7 +311,7 @@ class KnowledgeService:
             self.store.replace_vectors(tenant_id, [c.id for c in batch], vectors, e.name)
             done += len(batch)
             if progress:
-                progress(done, done + len(batch))
+                progress(done)
         if done:
             self._changed(tenant_id)
         return done

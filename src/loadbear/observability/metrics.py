@@ -129,6 +129,9 @@ class Metrics:
     """Counters and histograms of one Gateway; :meth:`observe` once per ledger record."""
 
     def __init__(self, label_cap: int = 100) -> None:
+        if int(label_cap) < 0:
+            # Refused rather than clamped: a typo would otherwise fold every label into "other".
+            raise ValueError(f"LOADBEAR_METRICS_LABEL_CAP must be 0 or more, not {label_cap}")
         self._lock = threading.Lock()
         self.tenants = LabelCap(label_cap)
         self.models = LabelCap(label_cap)

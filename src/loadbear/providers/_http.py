@@ -53,6 +53,7 @@ __all__ = [
     "map_http_error",
     "map_exception",
     "estimate_usage",
+    "valid_counts",
 ]
 
 _SLACK = 0.001  # timers may fire a hair early (clock resolution)
@@ -63,6 +64,11 @@ CLIENT_VAR = "LOADBEAR_UPSTREAM_HTTP"
 
 
 # --------------------------------------------------------------------------- errors
+
+
+def valid_counts(*values: Any) -> bool:
+    """Whether token counts from the wire are absent or non-negative integers."""
+    return all(v is None or (type(v) is int and v >= 0) for v in values)
 
 
 def parse_retry_after(headers: Any) -> float | None:
@@ -153,7 +159,8 @@ def map_http_error(status: int, body: Any, headers: Any = None, vendor: str = "u
         if is_context_length(message, code) or is_context_length(str(etype or "")):
             return ProviderError(ErrorKind.CONTEXT_LENGTH, label, status=status)
         return ProviderError(ErrorKind.BAD_REQUEST, label, status=status)
-    if status in (401, 403):
+    if status in (401, 402, 403):
+        # Our key, account or credit (402: out of credit), never the request's fault: fail over.
         return ProviderError(ErrorKind.AUTH, label, status=status)
     if status == 404:
         return ProviderError(ErrorKind.NOT_FOUND, label, status=status)

@@ -29,6 +29,7 @@ from ._http import (
     inband_error,
     map_exception,
     map_http_error,
+    valid_counts,
 )
 from .base import ChatRequest, Completion, ErrorKind, ModelConfig, ProviderError, StreamDelta, Usage
 from .tokens import content_text, count_text
@@ -167,6 +168,8 @@ class AnthropicProvider:
             return None
         cache_read = wire.get("cache_read_input_tokens") or 0
         cache_write = wire.get("cache_creation_input_tokens") or 0
+        if not valid_counts(wire.get("input_tokens"), wire.get("output_tokens"), cache_read, cache_write):
+            return None  # counted by us instead: a string here would break the cost later
         return Usage(
             prompt_tokens=(wire.get("input_tokens") or 0) + cache_read + cache_write,
             completion_tokens=wire.get("output_tokens") or 0,
@@ -195,6 +198,10 @@ class AnthropicProvider:
             b.get("text") or "" for b in blocks if isinstance(b, dict) and b.get("type") == "text"
         )
         reason = data.get("stop_reason")
+        if not text and reason is None:
+            # Neither an answer nor a reason for having none: a failure, never an empty success.
+            raise ProviderError(ErrorKind.MALFORMED, "anthropic: response has neither text nor a stop reason",
+                                status=status)
         finish = STOP_REASONS.get(reason, reason or "stop")
         usage = self._map_usage(data.get("usage"))
         if usage is None:
@@ -213,6 +220,7 @@ class AnthropicProvider:
         output_tokens: int | None = None
         finish: str | None = None
         stopped = False
+        other_tokens = False  # thinking or tool input: an answer without text
         loads = orjson.loads
         try:
             while not stopped:
@@ -238,6 +246,7 @@ class AnthropicProvider:
                                     batch += text
                             else:  # thinking / tool input: tokens are flowing
                                 sse.mark_first()
+                                other_tokens = True
                         elif etype == "message_start":
                             start_usage = self._map_usage((obj.get("message") or {}).get("usage"))
                         elif etype == "message_delta":
@@ -247,7 +256,7 @@ class AnthropicProvider:
                             wire = obj.get("usage")
                             if wire:
                                 out = wire.get("output_tokens")
-                                if out is not None:
+                                if out is not None and valid_counts(out):
                                     output_tokens = out
                                 if wire.get("input_tokens") is not None:  # newer API: cumulative input too
                                     start_usage = self._map_usage({**wire, "output_tokens": 0})
@@ -269,6 +278,9 @@ class AnthropicProvider:
                     raise err
             if not stopped:
                 raise ProviderError(ErrorKind.STREAM_CUT, "anthropic: stream ended without message_stop")
+            if finish is None and not parts and not other_tokens:
+                # message_stop with no text and no stop reason: nothing was answered.
+                raise ProviderError(ErrorKind.MALFORMED, "anthropic: stream ended with neither text nor a stop reason")
             await sse.drain()
         except ProviderError as exc:
             if exc.usage is None and parts:

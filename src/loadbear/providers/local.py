@@ -99,6 +99,7 @@ STOP_WORDS = frozenset(
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
 _BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s+")
+_TABLE_DELIMITER = re.compile(r"^\|?\s*:?-{3,}:?\s*(?:\|\s*:?-{3,}:?\s*)*\|?$")
 _MARKER = re.compile(r"^\s*\[(\d+)\]\s*(.*)$")
 _SEPARATOR = re.compile(r"^\s*(?:-{3,}|={3,}|\*{3,}|</(?:sources|context|documents)>)\s*$", re.I)
 _TAGGED = re.compile(r"<(source|document)\b([^>]*)>(.*?)</\1>", re.S | re.I)
@@ -158,16 +159,41 @@ def terms(text: str) -> list[str]:
 
 
 def _sentences(text: str) -> list[str]:
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        line = _BULLET.sub("", line)
-        for sentence in _SENTENCE_END.split(line):
+    out: list[str] = []
+    # Lines of one paragraph are joined first: documents are often hard-wrapped (Markdown,
+    # plain text), and splitting line by line would quote half sentences. Blank lines, headings,
+    # bullets and table rows start a new unit.
+    paragraph: list[str] = []
+
+    def flush() -> None:
+        for sentence in _SENTENCE_END.split(" ".join(paragraph)):
             sentence = sentence.strip()
             if len(sentence.split()) >= 3:
                 out.append(sentence)
+        paragraph.clear()
+
+    lines = [line.strip() for line in text.splitlines()]
+    for i, line in enumerate(lines):
+        if not line or line.startswith("#"):
+            flush()
+            continue
+        if line.startswith("|"):
+            flush()
+            if _TABLE_DELIMITER.match(line):
+                continue
+            # A table's header row (the next line is its |---| delimiter) names columns: no answer.
+            if not (i + 1 < len(lines) and _TABLE_DELIMITER.match(lines[i + 1])):
+                # A row is quoted as its cells ("After day 90: no refund"), not as pipes and padding.
+                cells = [c.strip() for c in line.strip("|").split("|") if c.strip()]
+                row = (": " if len(cells) == 2 else "; ").join(cells)
+                paragraph.append(row if row.endswith((".", "!", "?")) else row + ".")
+                flush()
+            continue
+        if _BULLET.match(line):
+            flush()
+            line = _BULLET.sub("", line)
+        paragraph.append(line)
+    flush()
     return out
 
 

@@ -30,6 +30,7 @@ from ._http import (
     inband_error,
     map_exception,
     map_http_error,
+    valid_counts,
 )
 from .base import ChatRequest, Completion, ErrorKind, ModelConfig, ProviderError, StreamDelta, Usage
 
@@ -119,6 +120,8 @@ class OpenAIProvider:
             return None
         details = wire.get("prompt_tokens_details")
         cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        if not valid_counts(wire.get("prompt_tokens"), wire.get("completion_tokens"), cached):
+            return None  # counted by us instead: a string here would break the cost later
         return Usage(
             prompt_tokens=wire.get("prompt_tokens") or 0,
             completion_tokens=wire.get("completion_tokens") or 0,
@@ -150,6 +153,11 @@ class OpenAIProvider:
             raise ProviderError(ErrorKind.MALFORMED, "openai: response has no choices", status=status) from None
         if not isinstance(text, str):
             text = str(text)
+        if not text and choice.get("finish_reason") is None:
+            # Neither an answer nor a reason for having none (a broken proxy's placeholder): a
+            # failure to retry, never an empty success.
+            raise ProviderError(ErrorKind.MALFORMED, "openai: response has neither content nor a finish reason",
+                                status=status)
         usage = self._map_usage(data.get("usage"))
         if usage is None:
             usage = estimate_usage(request.messages, text, model.tokenizer)
@@ -165,6 +173,7 @@ class OpenAIProvider:
         finish: str | None = None
         usage: Usage | None = None
         done = False
+        reasoned = False
         loads = orjson.loads
         try:
             while not done:
@@ -194,6 +203,7 @@ class OpenAIProvider:
                                     batch += text
                                 elif delta.get("reasoning_content") or delta.get("reasoning"):
                                     sse.mark_first()  # a reasoning token is a token
+                                    reasoned = True
                             reason = choice.get("finish_reason")
                             if reason:
                                 finish = reason
@@ -215,6 +225,10 @@ class OpenAIProvider:
                     raise err
             if finish is None and not done:
                 raise ProviderError(ErrorKind.STREAM_CUT, "openai: stream ended without a finish reason")
+            if finish is None and not parts and not reasoned:
+                # [DONE] with no content and no finish reason: nothing was answered. A failure,
+                # never an empty success ([DONE] after content without a finish reason is fine).
+                raise ProviderError(ErrorKind.MALFORMED, "openai: stream ended with neither content nor a finish reason")
             await sse.drain()
         except ProviderError as exc:
             if exc.usage is None and parts:

@@ -94,13 +94,29 @@ class TenantSettings:
             raise TenancyError("store_content must be true or false", param="settings.store_content")
         if not isinstance(self.fallback_message, str) or not self.fallback_message.strip():
             raise TenancyError("fallback_message must be a non-empty string", param="settings.fallback_message")
+        if self.default_model is not None and not isinstance(self.default_model, str):
+            # Otherwise routing fails at request time (a list is not a model name it can look up).
+            raise TenancyError("default_model must be a model name or null", param="settings.default_model")
         if not isinstance(self.knowledge_features, dict) or not all(
             isinstance(v, dict) for v in self.knowledge_features.values()
         ):
             raise TenancyError("knowledge_features must map a feature to an object like {\"top_k\": 5}",
                                param="settings.knowledge_features")
-        if not isinstance(self.fallback_overrides, dict):
-            raise TenancyError("fallback_overrides must map a model to a list of models", param="settings.fallback_overrides")
+        if not isinstance(self.fallback_overrides, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(m, str) and m for m in v)
+            for k, v in self.fallback_overrides.items()
+        ):
+            # A bare string would be read as a list of one-letter model names: the chain would
+            # silently lose every fallback.
+            raise TenancyError("fallback_overrides must map a model to a list of models, e.g. "
+                               "{\"gpt-4o\": [\"gpt-4o-mini\", \"local\"]}", param="settings.fallback_overrides")
+        if not isinstance(self.allow_continuation, bool):
+            raise TenancyError("allow_continuation must be true or false", param="settings.allow_continuation")
+        if self.support_contact is not None and not (
+            isinstance(self.support_contact, str) and self.support_contact.strip()
+        ):
+            raise TenancyError("support_contact must be a non-empty string (e.g. an e-mail address) or null",
+                               param="settings.support_contact")
         if self.pinned_model is not None:
             if not isinstance(self.pinned_model, str) or not self.pinned_model.strip():
                 raise TenancyError("pinned_model must be a model name or null", param="settings.pinned_model")
