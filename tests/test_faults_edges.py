@@ -197,6 +197,14 @@ def test_tenant_fallback_override_via_admin_api_is_validated_and_applies_at_once
         assert r.status_code == 400, r.text
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["param"] == param
+    # Names must be catalog models: a typo would silently shorten the chain.
+    r = httpx.patch(url, headers=admin, json={"settings": {"fallback_overrides": {"gpt-4o-mini": ["gpt4o", "local"]}}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "settings.fallback_overrides"
+    assert r.json()["error"]["code"] == "model_not_found" and "gpt4o" in r.json()["error"]["message"]
+    r = httpx.post(stack.url + "/admin/tenants", headers=admin,
+                   json={"slug": "typo-co", "settings": {"fallback_overrides": {"gtp-4o-mini": ["local"]}}})
+    assert r.status_code == 400 and "gtp-4o-mini" in r.json()["error"]["message"]
+    assert httpx.get(stack.url + "/admin/tenants/typo-co", headers=admin).status_code == 404
     # The catalog chain first, then the override set through the API, on the next request.
     simulator.script([fault("server_error")] * 2, model="gpt-4o-mini")
     assert chat(stack).parse().model == "claude-3-5-haiku-latest"
@@ -446,3 +454,19 @@ def test_an_unexpected_provider_exception_is_a_failure_like_any_other():
         assert [(a.status, a.error_type, a.completion_tokens > 0) for a in st.attempts] == [("error", "malformed", True)]
 
     asyncio.run(run())
+
+
+def test_cli_providers_names_a_catalog_mistake(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from loadbear.cli import app
+
+    cfg = tmp_path / "loadbear.toml"
+    cfg.write_text('[models.fast]\nprovider = "openai"\nbase_url = "http://127.0.0.1:9/v1"\n'
+                   'timeouts = { conect = 2 }\n')
+    monkeypatch.setenv("LOADBEAR_CONFIG", str(cfg))
+    monkeypatch.setenv("LOADBEAR_DATABASE_URL", f"sqlite:///{tmp_path / 'cli.db'}")
+    monkeypatch.delenv("LOADBEAR_REDIS_URL", raising=False)
+    res = CliRunner().invoke(app, ["providers"])
+    assert res.exit_code == 1
+    assert "model 'fast': unknown timeouts conect" in res.output and "Traceback" not in res.output

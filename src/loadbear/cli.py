@@ -483,7 +483,12 @@ def providers(
         store = rows[0].get("breaker_store") if rows else None
         note = f"live from {url}" + (f"; breaker state: {store}" if store else "")
     else:
-        rows, note = _local_providers(settings)
+        from loadbear.config.catalog import CatalogError
+
+        try:
+            rows, note = _local_providers(settings)
+        except CatalogError as exc:  # a loadbear.toml mistake: say which, not a traceback
+            _fail(f"model catalog: {exc}")
     if as_json:
         typer.echo(json.dumps(rows))
         return

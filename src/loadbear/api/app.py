@@ -318,6 +318,18 @@ def create_app(gateway: Gateway, own_gateway: bool = False) -> FastAPI:
 
     # -- admin --------------------------------------------------------------------------
 
+    def check_fallback_models(settings: Any) -> None:
+        """Fallback overrides must name catalog models: a misspelt one would silently shorten
+        the tenant's chain (unknown names are skipped at request time)."""
+        overrides = settings.get("fallback_overrides") if isinstance(settings, dict) else None
+        if not isinstance(overrides, dict):
+            return  # absent, or the wrong shape: TenantSettings.validate says so
+        names = [k for k in overrides] + [n for v in overrides.values() if isinstance(v, list) for n in v]
+        unknown = sorted({n for n in names if isinstance(n, str) and n not in gateway.catalog})
+        if unknown:
+            raise invalid(f"fallback_overrides names models that are not in the catalog: {', '.join(unknown)}",
+                          "settings.fallback_overrides", "model_not_found")
+
     @app.post("/admin/tenants", dependencies=[Depends(admin)], status_code=201)
     async def create_tenant(data: dict = Depends(json_body)):
         slug = data.get("slug")
@@ -327,6 +339,7 @@ def create_app(gateway: Gateway, own_gateway: bool = False) -> FastAPI:
             raise invalid("'name' must be a string", "name", "invalid_type")
         if settings is not None and not isinstance(settings, dict):
             raise invalid("'settings' must be an object", "settings", "invalid_type")
+        check_fallback_models(settings)
         tenant = await asyncio.to_thread(gateway.tenants.create_tenant, slug, name, settings)
         return JSON(tenant.public(), status_code=201)
 
@@ -343,6 +356,7 @@ def create_app(gateway: Gateway, own_gateway: bool = False) -> FastAPI:
         settings = data.get("settings")
         if not isinstance(settings, dict):
             raise invalid("'settings' must be an object of settings to change", "settings", "invalid_type")
+        check_fallback_models(settings)
         tenant = await asyncio.to_thread(gateway.tenants.update_settings, slug, settings)
         return JSON(tenant.public())
 
