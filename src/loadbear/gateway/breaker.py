@@ -29,12 +29,13 @@ the CLI, tests).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
+
+from loadbear.gateway.redis_scripts import RedisScripts
 
 log = logging.getLogger("loadbear.breaker")
 
@@ -272,7 +273,7 @@ return 1
 """
 
 
-class RedisBreakerStore:
+class RedisBreakerStore(RedisScripts):
     """Breaker state in Redis, shared by every worker and replica using the same ``prefix``.
 
     Keys: ``{prefix}{key}`` (a hash: state, failures, opened_at, probe_at, trips) and
@@ -281,6 +282,8 @@ class RedisBreakerStore:
     """
 
     name = "redis"
+    unavailable_warning = "breaker store: Redis unavailable (%s); using in-process breaker state"
+    _logger = log
 
     def __init__(
         self,
@@ -292,56 +295,19 @@ class RedisBreakerStore:
         ttl_s: int = 86_400,
         timeout_s: float = 0.25,
     ) -> None:
-        import redis
-
-        self.url = url
+        super().__init__(url, prefix=prefix, ttl_s=ttl_s, timeout_s=timeout_s,
+                         scripts={"allow": _ALLOW_LUA, "record": _RECORD_LUA, "release": _RELEASE_LUA})
         self.threshold = threshold
         self.cooldown = cooldown
         self.probe_timeout = probe_timeout
-        self.prefix = prefix
-        self.ttl_s = int(ttl_s)
-        self.timeout_s = timeout_s
-        self._sync = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                          decode_responses=True)
-        self._async: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._scripts: dict[str, Any] = {}
         # Used while Redis is unreachable, so requests never fail because of the breaker store.
         self.fallback = MemoryBreakerStore(threshold, cooldown, probe_timeout)
-        self.errors = 0
-        self._last_warning = 0.0
         self._seen: set[str] = set()
 
     # -- plumbing
 
-    def _client(self):
-        loop = asyncio.get_running_loop()
-        if self._async is None or self._loop is not loop:
-            import redis.asyncio as aioredis
-
-            self._async = aioredis.Redis.from_url(self.url, socket_timeout=self.timeout_s,
-                                                  socket_connect_timeout=self.timeout_s, decode_responses=True)
-            self._loop = loop
-            self._scripts = {
-                "allow": self._async.register_script(_ALLOW_LUA),
-                "record": self._async.register_script(_RECORD_LUA),
-                "release": self._async.register_script(_RELEASE_LUA),
-            }
-        return self._async
-
     def _k(self, key: str) -> tuple[str, str]:
         return self.prefix + key, self.prefix + key + ":calls"
-
-    def _failed(self, exc: BaseException) -> None:
-        self.errors += 1
-        now = time.monotonic()
-        if now - self._last_warning > 10:
-            self._last_warning = now
-            log.warning("breaker store: Redis unavailable (%s); using in-process breaker state", exc)
-
-    async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        self._client()
-        return await self._scripts[name](keys=keys, args=args)
 
     # -- the store API
 
@@ -349,7 +315,7 @@ class RedisBreakerStore:
         self._seen.add(key)
         try:
             state_key, _ = self._k(key)
-            return bool(await self._run("allow", [state_key], [repr(now), self.cooldown, self.probe_timeout, self.ttl_s]))
+            return bool(await self._script("allow", [state_key], [repr(now), self.cooldown, self.probe_timeout, self.ttl_s]))
         except Exception as exc:  # noqa: BLE001 - any Redis failure: degrade, never fail the request
             self._failed(exc)
             return await self.fallback.allow(key, now)
@@ -357,7 +323,7 @@ class RedisBreakerStore:
     async def record(self, key: str, ok: bool, latency_ms: int, now: float) -> str:
         self._seen.add(key)
         try:
-            return str(await self._run(
+            return str(await self._script(
                 "record", list(self._k(key)),
                 [repr(now), "1" if ok else "0", int(latency_ms), self.threshold, HEALTH_MAX_CALLS, self.ttl_s],
             ))
@@ -367,7 +333,7 @@ class RedisBreakerStore:
 
     async def release(self, key: str) -> None:
         try:
-            await self._run("release", [self._k(key)[0]], [])
+            await self._script("release", [self._k(key)[0]], [])
         except Exception as exc:  # noqa: BLE001
             self._failed(exc)
             await self.fallback.release(key)
@@ -415,27 +381,10 @@ class RedisBreakerStore:
     def reset(self, key: str | None = None) -> None:
         """Forget state (all keys under the prefix when ``key`` is None)."""
         self.fallback.reset(key)
-        try:
-            if key is not None:
-                self._sync.delete(*self._k(key))
-                return
-            batch = list(self._sync.scan_iter(match=self.prefix + "*", count=500))
-            if batch:
-                self._sync.delete(*batch)
-        except Exception as exc:  # noqa: BLE001
-            self._failed(exc)
+        self._delete(None if key is None else self._k(key))
 
     async def aclose(self) -> None:
-        client, self._async = self._async, None
-        if client is not None and self._loop is asyncio.get_running_loop():
-            try:
-                await client.aclose()
-            except Exception:  # noqa: BLE001
-                pass
-        try:
-            self._sync.close()
-        except Exception:  # noqa: BLE001
-            pass
+        await self._close_clients()
 
 
 # -- the registry the executor talks to -------------------------------------------------------

@@ -51,6 +51,7 @@ from datetime import date, datetime, timezone
 from typing import Any, Callable, Protocol, Sequence
 
 from loadbear.gateway.errors import ApiError
+from loadbear.gateway.redis_scripts import RedisScripts
 from loadbear.providers.base import ModelConfig
 from loadbear.providers.tokens import count_messages
 from loadbear.storage.db import Database
@@ -512,7 +513,7 @@ return 1
 """
 
 
-class RedisBudgetStore:
+class RedisBudgetStore(RedisScripts):
     """Counters in Redis, shared by every replica using the same ``prefix``.
 
     Keys per tenant and month (one hash tag, so a cluster keeps them on one node):
@@ -522,50 +523,22 @@ class RedisBudgetStore:
     """
 
     name = "redis"
+    _logger = log
 
     def __init__(self, url: str, *, prefix: str = "loadbear:budget:", fallback: BudgetStore | None = None,
                  ttl_s: int = 40 * 86_400, timeout_s: float = 0.25) -> None:
-        import redis
-
-        self.url = url
-        self.prefix = prefix
-        self.ttl_s = int(ttl_s)
-        self.timeout_s = timeout_s
-        self._sync = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                          decode_responses=True)
-        self._async: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._scripts: dict[str, Any] = {}
+        super().__init__(url, prefix=prefix, ttl_s=ttl_s, timeout_s=timeout_s,
+                         scripts={"reserve": _RESERVE_LUA, "init": _INIT_LUA, "settle": _SETTLE_LUA,
+                                  "sync": _SYNC_LUA})
         self.fallback: BudgetStore = fallback or MemoryBudgetStore()
-        self.errors = 0
-        self._last_warning = 0.0
-
-    def _client(self) -> Any:
-        loop = asyncio.get_running_loop()
-        if self._async is None or self._loop is not loop:
-            import redis.asyncio as aioredis
-
-            self._async = aioredis.Redis.from_url(self.url, socket_timeout=self.timeout_s,
-                                                  socket_connect_timeout=self.timeout_s, decode_responses=True)
-            self._loop = loop
-            self._scripts = {name: self._async.register_script(src) for name, src in (
-                ("reserve", _RESERVE_LUA), ("init", _INIT_LUA), ("settle", _SETTLE_LUA), ("sync", _SYNC_LUA))}
-        return self._async
+        self.unavailable_warning = f"budget store: Redis unavailable (%s); using the {self.fallback.name} store"
 
     def _keys(self, key: Key) -> list[str]:
         base = f"{self.prefix}{{{key[0]}:{key[1]}}}"
         return [base, base + ":leases", base + ":amounts"]
 
-    def _failed(self, exc: BaseException) -> None:
-        self.errors += 1
-        now = time.monotonic()
-        if now - self._last_warning > 10:
-            self._last_warning = now
-            log.warning("budget store: Redis unavailable (%s); using the %s store", exc, self.fallback.name)
-
     async def _run(self, name: str, key: Key, args: list[Any]) -> Any:
-        self._client()
-        return await self._scripts[name](keys=self._keys(key), args=args)
+        return await self._script(name, self._keys(key), args)
 
     async def reserve(self, key, rid, amount, limit, soft_limit, now, expires_at):
         try:
@@ -622,27 +595,10 @@ class RedisBudgetStore:
 
     def reset(self, key: Key | None = None) -> None:
         """Forget counters (all under the prefix when ``key`` is None)."""
-        try:
-            if key is not None:
-                self._sync.delete(*self._keys(key))
-                return
-            batch = list(self._sync.scan_iter(match=self.prefix + "*", count=500))
-            if batch:
-                self._sync.delete(*batch)
-        except Exception as exc:  # noqa: BLE001
-            self._failed(exc)
+        self._delete(None if key is None else self._keys(key))
 
     async def aclose(self) -> None:
-        client, self._async = self._async, None
-        if client is not None and self._loop is asyncio.get_running_loop():
-            try:
-                await client.aclose()
-            except Exception:  # noqa: BLE001
-                pass
-        try:
-            self._sync.close()
-        except Exception:  # noqa: BLE001
-            pass
+        await self._close_clients()
         await self.fallback.aclose()
 
 

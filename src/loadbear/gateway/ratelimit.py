@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from loadbear.gateway.errors import ApiError
+from loadbear.gateway.redis_scripts import RedisScripts
 
 log = logging.getLogger("loadbear.ratelimit")
 
@@ -205,7 +206,7 @@ return 1
 """
 
 
-class RedisRateStore:
+class RedisRateStore(RedisScripts):
     """Buckets in Redis (``{prefix}{tenant}``), shared by every replica using the same prefix.
 
     The request bucket is refilled on every check even when it does not change, so ``ts``
@@ -213,44 +214,19 @@ class RedisRateStore:
     """
 
     name = "redis"
+    unavailable_warning = "rate limit store: Redis unavailable (%s); using per-replica limits"
+    _logger = log
 
     def __init__(self, url: str, *, prefix: str = "loadbear:ratelimit:", ttl_s: int = 600,
                  timeout_s: float = 0.25) -> None:
-        self.url = url
-        self.prefix = prefix
-        self.ttl_s = int(ttl_s)
-        self.timeout_s = timeout_s
-        self._async: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._scripts: dict[str, Any] = {}
+        super().__init__(url, prefix=prefix, ttl_s=ttl_s, timeout_s=timeout_s,
+                         scripts={"take": _TAKE_LUA, "give_back": _GIVE_BACK_LUA})
         self.fallback = MemoryRateStore()
-        self.errors = 0
-        self._last_warning = 0.0
-
-    def _client(self) -> Any:
-        loop = asyncio.get_running_loop()
-        if self._async is None or self._loop is not loop:
-            import redis.asyncio as aioredis
-
-            self._async = aioredis.Redis.from_url(self.url, socket_timeout=self.timeout_s,
-                                                  socket_connect_timeout=self.timeout_s, decode_responses=True)
-            self._loop = loop
-            self._scripts = {"take": self._async.register_script(_TAKE_LUA),
-                             "give_back": self._async.register_script(_GIVE_BACK_LUA)}
-        return self._async
-
-    def _failed(self, exc: BaseException) -> None:
-        self.errors += 1
-        now = time.monotonic()
-        if now - self._last_warning > 10:
-            self._last_warning = now
-            log.warning("rate limit store: Redis unavailable (%s); using per-replica limits", exc)
 
     async def take(self, tenant_id: str, rpm: int, tpm: int, tokens: int, now: float) -> RateDecision:
         try:
-            self._client()
-            allowed, wait, which, r, t = await self._scripts["take"](
-                keys=[self.prefix + tenant_id], args=[repr(float(now)), int(rpm), int(tpm), int(tokens), self.ttl_s])
+            allowed, wait, which, r, t = await self._script(
+                "take", [self.prefix + tenant_id], [repr(float(now)), int(rpm), int(tpm), int(tokens), self.ttl_s])
         except Exception as exc:  # noqa: BLE001 - any Redis failure: degrade, never fail the request
             self._failed(exc)
             return await self.fallback.take(tenant_id, rpm, tpm, tokens, now)
@@ -261,38 +237,17 @@ class RedisRateStore:
         if not tpm:
             return
         try:
-            self._client()
-            await self._scripts["give_back"](keys=[self.prefix + tenant_id],
-                                             args=[repr(float(now)), int(tpm), int(tokens)])
+            await self._script("give_back", [self.prefix + tenant_id], [repr(float(now)), int(tpm), int(tokens)])
         except Exception as exc:  # noqa: BLE001
             self._failed(exc)
             await self.fallback.give_back(tenant_id, tpm, tokens, now)
 
     def reset(self, tenant_id: str | None = None) -> None:
         self.fallback.reset(tenant_id)
-        try:
-            import redis
-
-            client = redis.Redis.from_url(self.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s)
-            try:
-                if tenant_id is not None:
-                    client.delete(self.prefix + tenant_id)
-                else:
-                    batch = list(client.scan_iter(match=self.prefix + "*", count=500))
-                    if batch:
-                        client.delete(*batch)
-            finally:
-                client.close()
-        except Exception as exc:  # noqa: BLE001
-            self._failed(exc)
+        self._delete(None if tenant_id is None else [self.prefix + tenant_id])
 
     async def aclose(self) -> None:
-        client, self._async = self._async, None
-        if client is not None and self._loop is asyncio.get_running_loop():
-            try:
-                await client.aclose()
-            except Exception:  # noqa: BLE001
-                pass
+        await self._close_clients()
 
 
 class RateLimiter:
