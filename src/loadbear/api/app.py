@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loadbear.api.auth import bearer_token
 from loadbear.api.feedback_routes import add_feedback_routes
 from loadbear.api.knowledge_routes import add_knowledge_routes
 from loadbear.api.responses import JSON, SSEResponse, error_response
@@ -163,13 +164,7 @@ def _new_request_id() -> str:
 
 
 def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization")
-    if not header:
-        return None
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
+    return bearer_token(request.headers.get("authorization"))
 
 
 def create_app(gateway: Gateway, own_gateway: bool = False) -> FastAPI:

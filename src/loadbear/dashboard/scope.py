@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any, Iterator
 
+from loadbear.api.auth import bearer_token
 from loadbear.gateway.errors import ApiError, invalid
 from loadbear.ledger.reports import ReportError, parse_period
 from loadbear.storage.db import Conn, Database
@@ -50,19 +51,10 @@ class View:
         return self.tenant.id if self.tenant is not None else None
 
 
-def _bearer(header: str | None) -> str | None:
-    if not header:
-        return None
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
-
-
 def resolve_viewer(gateway: Any, authorization: str | None) -> Viewer:
     """Admin key or a tenant key with ``usage:read``; 401 for a missing or wrong key, 403 for a
     key without the scope."""
-    key = _bearer(authorization)
+    key = bearer_token(authorization)
     if key is None:
         raise ApiError(401, "Missing key. Send the admin key or a tenant API key with the 'usage:read' scope "
                        "as 'Authorization: Bearer <key>'.", type="authentication_error", code="missing_api_key")

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from loadbear.api.auth import bearer_token
 from loadbear.gateway.errors import ApiError
 
 if TYPE_CHECKING:
@@ -42,11 +43,7 @@ def check_metrics_access(settings: Any, authorization: str | None) -> None:
         raise ApiError(403, "The metrics endpoint is disabled: set LOADBEAR_METRICS_KEY (a scrape token), "
                             "or LOADBEAR_METRICS_PUBLIC=true on a private network.",
                        type="permission_error", code="metrics_disabled")
-    token = None
-    if authorization:
-        scheme, _, value = authorization.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            token = value.strip()
+    token = bearer_token(authorization)
     if token is None:
         raise ApiError(401, "Missing metrics key. Send it as 'Authorization: Bearer <LOADBEAR_METRICS_KEY>'.",
                        type="authentication_error", code="missing_api_key")
