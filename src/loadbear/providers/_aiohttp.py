@@ -12,8 +12,8 @@ from typing import Any
 
 import aiohttp
 
-from ._http import SSEStream, _earliest, map_exception
-from .base import ErrorKind, ProviderError, Timeouts
+from ._http import SSEStream, map_exception, response_limit
+from .base import ProviderError, Timeouts
 
 __all__ = ["AiohttpClient"]
 
@@ -134,11 +134,7 @@ class AiohttpClient:
         :class:`ProviderError` for transport failures and timeouts.
         """
         session = self.session()
-        first, total = timeouts.first_token, timeouts.total
-        if first is not None and (total is None or first < total):
-            limit, kind = first, ErrorKind.FIRST_TOKEN_TIMEOUT
-        else:
-            limit, kind = total, ErrorKind.TIMEOUT
+        limit, kind = response_limit(timeouts)
         cm = asyncio.timeout(limit)
         try:
             async with cm:
@@ -165,11 +161,8 @@ class AiohttpClient:
         start = loop.time()
         first = None if timeouts.first_token is None else start + timeouts.first_token
         total = None if timeouts.total is None else start + timeouts.total
-        header_deadline = _earliest(first, total)
-        if first is not None and (total is None or first < total):
-            kind = ErrorKind.FIRST_TOKEN_TIMEOUT
-        else:
-            kind = ErrorKind.TIMEOUT
+        limit, kind = response_limit(timeouts)
+        header_deadline = None if limit is None else start + limit
         cm = asyncio.timeout_at(header_deadline)
         resp: aiohttp.ClientResponse | None = None
         try:

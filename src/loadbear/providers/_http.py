@@ -54,6 +54,7 @@ __all__ = [
     "map_exception",
     "estimate_usage",
     "valid_counts",
+    "response_limit",
 ]
 
 _SLACK = 0.001  # timers may fire a hair early (clock resolution)
@@ -463,6 +464,15 @@ class SSEStream:
         self._finish(self._reusable)
 
 
+def response_limit(timeouts: Timeouts) -> tuple[float | None, ErrorKind]:
+    """How long an upstream may take before it answers (a non-streamed call's whole response, a
+    stream's headers): ``first_token`` capped by ``total``, and the error kind when it does not."""
+    first, total = timeouts.first_token, timeouts.total
+    if first is not None and (total is None or first < total):
+        return first, ErrorKind.FIRST_TOKEN_TIMEOUT
+    return total, ErrorKind.TIMEOUT
+
+
 def _earliest(a: float | None, b: float | None) -> float | None:
     if a is None:
         return b
@@ -620,11 +630,7 @@ class HttpClient:
         :class:`ProviderError` for transport failures and timeouts.
         """
         target = self._target(url)
-        first, total = timeouts.first_token, timeouts.total
-        if first is not None and (total is None or first < total):
-            limit, kind = first, ErrorKind.FIRST_TOKEN_TIMEOUT
-        else:
-            limit, kind = total, ErrorKind.TIMEOUT
+        limit, kind = response_limit(timeouts)
         loop = asyncio.get_running_loop()
         deadline = None if limit is None else loop.time() + limit
         message = "" if limit is None else f"{self._vendor}: no complete response within {limit:g}s"
@@ -652,11 +658,8 @@ class HttpClient:
         start = loop.time()
         first = None if timeouts.first_token is None else start + timeouts.first_token
         total = None if timeouts.total is None else start + timeouts.total
-        header_deadline = _earliest(first, total)
-        if first is not None and (total is None or first < total):
-            kind = ErrorKind.FIRST_TOKEN_TIMEOUT
-        else:
-            kind = ErrorKind.TIMEOUT
+        limit, kind = response_limit(timeouts)
+        header_deadline = None if limit is None else start + limit
         message = f"{self._vendor}: no response headers in time"
         conn = await self._send(target, body, headers, timeouts.connect, header_deadline, kind, message, True)
         try:
