@@ -57,7 +57,6 @@ import platform
 import random
 import re
 import statistics
-import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -639,7 +638,6 @@ QWORDS = ["How do I", "Why does", "Can I", "What is", "Where can I find", "Is it
 
 def synthetic_questions(rng: random.Random, n: int, exclude: set[str] = frozenset()) -> list[str]:
     names = sorted({(rng.choice(SYLL) + rng.choice(SYLL) + rng.choice(SYLL)).capitalize() for _ in range(600)})
-    fam_texts: list[str] = []
     out: list[str] = []
     seen = set(exclude)
     while len(out) < n:
@@ -776,11 +774,6 @@ async def time_100k(cache, tenant_id: str, texts: list[str], vecs: dict[str, np.
             "cpu": {"p50": pct(cpu, 50), "p99": pct(cpu, 99)}}
 
 
-# The server's ReadyForQuery message ('Z', length 5): it answers a Sync or a simple query, so the
-# client waited for it; results of pipelined statements before the Sync are no wait.
-_READY = b"Z\x00\x00\x00\x05"
-
-
 def transport_ab(cache, tenant_id: str, plan: list[tuple[str, str, np.ndarray]]) -> dict[str, Any]:
     """The same lookups twice each, interleaved (so both see the same machine load): with the
     lookup's statement sent through ``db.tenant_fetch`` (one round trip on PostgreSQL) and through
@@ -813,64 +806,10 @@ def transport_ab(cache, tenant_id: str, plan: list[tuple[str, str, np.ndarray]])
                    "cpu_p99": pct(cpu[name], 99), "cpu_mean": statistics.mean(cpu[name])} for name in ("tx", "fetch")}
 
 
-class RoundTripProxy:
-    """A TCP relay in front of PostgreSQL that counts round trips: each time the client sends
-    after the server said it is ready (or first) is one trip, however many messages it pipelines."""
-
-    def __init__(self, host: str, port: int) -> None:
-        import socket
-        import threading
-
-        self.target = (host, port)
-        self.trips = 0
-        self._lock = threading.Lock()
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        import socket
-        import threading
-
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.target)
-            for s in (client, server):
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            state = {"last": "s"}
-            threading.Thread(target=self._pump, args=(client, server, state, "c"), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, state, "s"), daemon=True).start()
-
-    def _pump(self, src, dst, state: dict[str, str], side: str) -> None:
-        try:
-            while data := src.recv(65536):
-                with self._lock:
-                    if side == "c" and state["last"] != "c":
-                        self.trips += 1
-                        state["last"] = "c"
-                    elif side == "s" and _READY in data:
-                        state["last"] = "s"
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.close()
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def round_trips(cache, tenant_id: str, plan: list[tuple[str, str, np.ndarray]], n: int = 30) -> dict[str, float]:
     """Round trips per lookup on the request path, by outcome: statements on SQLite (each is a
     call into the library, not a network trip), client waits on the server on PostgreSQL (through
-    ``RoundTripProxy``, a second connection pool on the same database). Hit notes go to the writer
+    ``loadbear.testing.pg_round_trips``, a second connection pool on the same database). Hit notes go to the writer
     thread and are not counted (``background`` off while counting)."""
     from loadbear.gateway.cache import ResponseCache
 
@@ -881,17 +820,16 @@ def round_trips(cache, tenant_id: str, plan: list[tuple[str, str, np.ndarray]], 
         from urllib.parse import urlsplit, urlunsplit
 
         from loadbear.storage.db import app_conninfo, open_database
+        from loadbear.testing.pg_round_trips import PgRoundTripCounter
 
         parts = urlsplit(db.url)
-        proxy = RoundTripProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+        proxy = PgRoundTripCounter(parts.hostname or "127.0.0.1", parts.port or 5432)
         netloc = (parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else "") + f"127.0.0.1:{proxy.port}"
         url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
         pdb = open_database(url, app_url=app_conninfo(url, db.app_role))
         counter = ResponseCache(pdb, embedder_factory=lambda: cache.embedder, static=cache.static, background=False)
 
-        def count() -> int:
-            k, proxy.trips = proxy.trips, 0
-            return k
+        count = proxy.take
     else:
         counter = cache
         raw = db._conn()
@@ -1236,7 +1174,7 @@ def render(res: dict[str, Any]) -> str:
                  f" | ≤ 5 ms | {'✅' if tm['all']['p99'] <= 5 else '❌'} |")
     L.append("")
     ctr = res["counters"]
-    L.append(f"Hits by request kind: " + ", ".join(
+    L.append("Hits by request kind: " + ", ".join(
         f"{kind} {v.get('hit', 0)}/{v.get('hit', 0) + v.get('miss', 0)}" for kind, v in sorted(c.by_kind.items()))
         + f". Cache entries at the end: {res['entries']}. Lookup counters: {ctr}.")
     if c.false_examples:

@@ -5,8 +5,6 @@ objects reused."""
 
 from __future__ import annotations
 
-import socket
-import threading
 import uuid
 from urllib.parse import urlsplit, urlunsplit
 
@@ -18,6 +16,7 @@ from loadbear.knowledge.store import KnowledgeStore
 from loadbear.knowledge.types import ChunkDraft
 from loadbear.storage.db import app_conninfo, open_database
 from loadbear.tenancy.service import TenantService
+from loadbear.testing.pg_round_trips import PgRoundTripCounter
 
 SYSTEM = "You are Acme's support assistant."
 Q = "How do I get a refund for the Team plan?"
@@ -38,54 +37,6 @@ class Embedder:
             v = np.random.default_rng(abs(hash(t)) % 2**32).standard_normal(8).astype(np.float32)
             out.append(v / np.linalg.norm(v))
         return np.stack(out)
-
-
-# The server's ReadyForQuery message ('Z', length 5): it answers a Sync or a simple query, so the
-# client waited for it; results of pipelined statements before the Sync are no wait.
-_READY = b"Z\x00\x00\x00\x05"
-
-
-class TripCounter:
-    """A TCP relay in front of PostgreSQL: each time the client sends after the server said it is
-    ready is one round trip, however many messages it pipelined."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target, self.trips, self._lock = (host, port), 0, threading.Lock()
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.target)
-            state = {"last": "s"}
-            for src, dst, side in ((client, server, "c"), (server, client, "s")):
-                threading.Thread(target=self._pump, args=(src, dst, state, side), daemon=True).start()
-
-    def _pump(self, src, dst, state, side) -> None:
-        try:
-            while data := src.recv(65536):
-                with self._lock:
-                    if side == "c" and state["last"] != "c":
-                        self.trips += 1
-                        state["last"] = "c"
-                    elif side == "s" and _READY in data:
-                        state["last"] = "s"
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                s.close()
-
-    def take(self) -> int:
-        with self._lock:
-            n, self.trips = self.trips, 0
-        return n
 
 
 def _doc(db, tenant: str, name: str, text: str):
@@ -140,7 +91,7 @@ def pg_url(pg_server) -> str:
 @pg
 def test_a_lookup_is_one_round_trip_on_postgres(pg_url):
     parts = urlsplit(pg_url)
-    proxy = TripCounter(parts.hostname, parts.port or 5432)
+    proxy = PgRoundTripCounter(parts.hostname, parts.port or 5432)
     url = urlunsplit((parts.scheme, f"{parts.username}@127.0.0.1:{proxy.port}", parts.path, parts.query, ""))
     db = open_database(url, app_url=app_conninfo(url, "loadbear_app"), pool_size=1)
     try:
@@ -169,7 +120,7 @@ def test_a_lookup_is_one_round_trip_on_postgres(pg_url):
         assert proxy.take() == 4
     finally:
         db.close()
-        proxy.sock.close()
+        proxy.close()
 
 
 @pg
