@@ -22,6 +22,23 @@ from loadbear.storage.migrate import migrate
 PG_ENV = "LOADBEAR_TEST_POSTGRES_URL"
 PG_SKIP = f"PostgreSQL tests need {PG_ENV} (e.g. postgresql://postgres@127.0.0.1:5432/postgres)"
 
+# Redis-backed stores (breakers, budgets, rate limits): tests marked ``needs_redis`` are skipped,
+# with the reason, when nothing answers at LOADBEAR_TEST_REDIS_URL.
+REDIS_URL = os.environ.get("LOADBEAR_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _redis_up() -> bool:
+    try:
+        import redis
+
+        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.3).ping())
+    except Exception:
+        return False
+
+
+REDIS_UP = _redis_up()
+needs_redis = pytest.mark.skipif(not REDIS_UP, reason=f"needs Redis at {REDIS_URL} (LOADBEAR_TEST_REDIS_URL)")
+
 
 def _with_db(url: str, name: str) -> str:
     from urllib.parse import urlsplit, urlunsplit

@@ -8,7 +8,6 @@ skipped when nothing answers there. Every test uses its own key prefix and delet
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 
 import pytest
@@ -21,21 +20,8 @@ from loadbear.gateway.breaker import (
     MemoryBreakerStore,
     RedisBreakerStore,
 )
+from conftest import REDIS_UP, REDIS_URL, needs_redis
 
-REDIS_URL = os.environ.get("LOADBEAR_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def _redis_up() -> bool:
-    try:
-        import redis
-
-        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.3).ping())
-    except Exception:
-        return False
-
-
-REDIS_UP = _redis_up()
-needs_redis = pytest.mark.skipif(not REDIS_UP, reason=f"needs Redis at {REDIS_URL} (LOADBEAR_TEST_REDIS_URL)")
 
 
 class FakeClock:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import threading
 import uuid
@@ -40,22 +39,11 @@ from loadbear.storage.db import open_database
 from loadbear.storage.migrate import migrate
 from loadbear.tenancy.models import Tenant, TenantSettings
 from loadbear.tenancy.service import TenantService
+from conftest import REDIS_UP, REDIS_URL, needs_redis
 
-REDIS_URL = os.environ.get("LOADBEAR_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 MONTH = "2026-05"
 
 
-def _redis_up() -> bool:
-    try:
-        import redis
-
-        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.3).ping())
-    except Exception:
-        return False
-
-
-REDIS_UP = _redis_up()
-needs_redis = pytest.mark.skipif(not REDIS_UP, reason=f"needs Redis at {REDIS_URL} (LOADBEAR_TEST_REDIS_URL)")
 
 
 class Env:

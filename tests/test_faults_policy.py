@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from loadbear.gateway.breaker import BreakerRegistry, RedisBreakerStore
 from loadbear.gateway.executor import RetryPolicy
 from loadbear.testing import Fault
-from test_breaker import REDIS_URL, needs_redis, redis_prefix  # noqa: F401  (fixture)
+from conftest import REDIS_URL, needs_redis
+from test_breaker import redis_prefix  # noqa: F401  (fixture)
 from test_faults import (
     DEGRADED_TEXT,
     FAST,
