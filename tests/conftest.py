@@ -146,6 +146,21 @@ def pytest_configure(config):
         raise pytest.UsageError(f"LOADBEAR_REQUIRE_POSTGRES is set but {PG_ENV} is not")
 
 
+def write_ledger(db: Database, records, dead_letter_dir: Path, *, batch_size: int | None = None,
+                 flush_timeout: float = 30) -> None:
+    """Write finished interactions through a real ``LedgerWriter`` and wait until they are
+    committed; none may be refused."""
+    from loadbear.ledger.writer import LedgerWriter
+
+    kw = {} if batch_size is None else {"batch_size": batch_size}
+    w = LedgerWriter(db, flush_interval=0.01, dead_letter_path=dead_letter_dir / "dl.jsonl", **kw)
+    try:
+        for r in records:
+            w.submit(r)
+        assert w.flush(flush_timeout) and w.dead_lettered == 0
+    finally:
+        w.close(10)
+
 class Stack:
     """A Gateway + HTTP server on 127.0.0.1 + one tenant and key, against a given catalog."""
 

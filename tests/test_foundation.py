@@ -17,10 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import sim_models
+from conftest import sim_models, write_ledger
 from loadbear.ledger.records import AttemptRecord, InteractionRecord
 from loadbear.ledger.reports import tenant_usage
-from loadbear.ledger.writer import LedgerWriter
 from loadbear.storage.db import Database
 from loadbear.storage.values import db_time, utcnow, uuid7
 from loadbear.tenancy.service import TenantService, user_uuid
@@ -39,13 +38,7 @@ def record(tenant_id: str, *, user: str | None = None, cost: int = 100) -> Inter
 
 
 def write(db: Database, records, tmp_path: Path) -> None:
-    w = LedgerWriter(db, flush_interval=0.01, dead_letter_path=tmp_path / "dl.jsonl")
-    try:
-        for r in records:
-            w.submit(r)
-        assert w.flush(10) and w.dead_lettered == 0
-    finally:
-        w.close(10)
+    write_ledger(db, records, tmp_path, flush_timeout=10)
 
 
 def this_month() -> tuple[date, date]:

@@ -9,11 +9,11 @@ from datetime import date, datetime, timedelta, timezone
 
 from loadbear.ledger.records import AttemptRecord, InteractionRecord
 from loadbear.ledger.reports import admin_usage, tenant_usage
-from loadbear.ledger.writer import LedgerWriter
 from loadbear.storage.db import Database, open_database
 from loadbear.storage.migrate import migrate
 from loadbear.storage.values import db_day, uuid7
 from loadbear.tenancy.service import TenantService
+from conftest import write_ledger
 
 SUMS = ("requests", "errors", "degraded", "cancelled", "cached_requests", "streamed_requests", "prompt_tokens",
         "completion_tokens", "cached_input_tokens", "cost_micro_usd", "saved_micro_usd", "latency_ms_sum")
@@ -57,13 +57,7 @@ def _record(rng: random.Random, tenant_id: str, when: datetime, **kw) -> Interac
 
 
 def _write(db: Database, records: list[InteractionRecord], tmp_path, batch_size: int = 37) -> None:
-    w = LedgerWriter(db, batch_size=batch_size, flush_interval=0.01, dead_letter_path=tmp_path / "dl.jsonl")
-    try:
-        for r in records:
-            w.submit(r)
-        assert w.flush(30) and w.dead_lettered == 0
-    finally:
-        w.close(10)
+    write_ledger(db, records, tmp_path, batch_size=batch_size)
 
 
 def test_the_writer_keeps_the_narrow_rollups_equal_to_usage_daily(db, tmp_path):

@@ -11,11 +11,11 @@ import pytest
 
 from loadbear.ledger.records import AttemptRecord, InteractionRecord
 from loadbear.ledger.reports import ReportError, admin_usage, parse_period, tenant_usage
-from loadbear.ledger.writer import LedgerWriter
 from loadbear.storage.db import Database, open_database
 from loadbear.storage.migrate import migrate
 from loadbear.storage.values import uuid7
 from loadbear.tenancy.service import TenantService
+from conftest import write_ledger
 
 START = date(2026, 5, 1)  # the seeded ledger covers May 1-10; reports look at May 3-8
 PERIOD = (date(2026, 5, 3), date(2026, 5, 8))
@@ -53,14 +53,7 @@ def ledger(request, tmp_path_factory) -> Iterator[tuple[Database, dict[str, str]
         r.attempts.append(AttemptRecord(attempt_no=1, provider="openai", model=r.model, upstream_model=None,
                                         status="ok", started_at=when, latency_ms=r.latency_ms))
         records.append(r)
-    writer = LedgerWriter(db, batch_size=64, flush_interval=0.01,
-                          dead_letter_path=tmp_path_factory.mktemp("dl") / "dl.jsonl")
-    try:
-        for r in records:
-            writer.submit(r)
-        assert writer.flush(30) and writer.dead_lettered == 0
-    finally:
-        writer.close(10)
+    write_ledger(db, records, tmp_path_factory.mktemp("dl"), batch_size=64)
     yield db, tenants, records
     db.close()
 

@@ -11,11 +11,11 @@ from datetime import datetime, timedelta, timezone
 
 from loadbear.ledger.records import InteractionRecord
 from loadbear.ledger.reports import admin_usage, tenant_usage
-from loadbear.ledger.writer import LedgerWriter
 from loadbear.storage.db import Database, open_database
 from loadbear.storage.migrate import migrate
 from loadbear.storage.values import db_time, uuid7
 from loadbear.tenancy.service import TenantService, user_uuid
+from conftest import write_ledger
 
 DAY0 = datetime(2026, 3, 1, 22, 0, tzinfo=timezone.utc)
 SPLIT = ("saved_micro_usd", "saved_cache_micro_usd", "saved_routing_micro_usd")
@@ -78,13 +78,7 @@ def assert_split(db: Database, records: list[InteractionRecord]) -> None:
 
 
 def _write(db: Database, records: list[InteractionRecord], tmp_path) -> None:
-    w = LedgerWriter(db, batch_size=29, flush_interval=0.01, dead_letter_path=tmp_path / "dl.jsonl")
-    try:
-        for r in records:
-            w.submit(r)
-        assert w.flush(30) and w.dead_lettered == 0
-    finally:
-        w.close(10)
+    write_ledger(db, records, tmp_path, batch_size=29)
 
 
 def test_the_writer_splits_savings_in_every_rollup(db, tmp_path):
